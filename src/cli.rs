@@ -1,0 +1,171 @@
+//! The `s3grant` command line: one binary, a subcommand per job.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::api::{Backend, Mode, S3Grant, S3GrantClass, S3GrantClassSpec};
+use crate::error::{Error, Result};
+use crate::guardrails::check_permitted;
+use crate::plan::{parse_manifest, plan_grant};
+use crate::policy::build_policy;
+use crate::validate::{parse_prefixes, BucketName};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "s3grant",
+    version,
+    about = "Scoped S3 credentials as Kubernetes Secrets"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the CustomResourceDefinitions (the files in crds/ are generated from this).
+    Crd(CrdArgs),
+    /// Print the IAM policy for a bucket, like `s3-credentials policy`.
+    Policy(PolicyArgs),
+    /// Show what the operator would do for a grant, without a cluster or AWS.
+    Plan(PlanArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CrdArgs {
+    /// Write one file per CRD (`<plural>.<group>.yaml`) into each of these folders instead of printing.
+    #[arg(long, value_name = "DIR")]
+    pub split: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct PolicyArgs {
+    /// The bucket.
+    pub bucket: String,
+    /// Confine to keys under this prefix (a folder); repeat for several.
+    #[arg(long = "prefix", value_name = "PREFIX")]
+    pub prefixes: Vec<String>,
+    /// Read and list only.
+    #[arg(long, conflicts_with = "write_only")]
+    pub read_only: bool,
+    /// Write only.
+    #[arg(long)]
+    pub write_only: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// The S3Grant manifest (YAML).
+    #[arg(short = 'f', long = "filename", value_name = "GRANT.yaml")]
+    pub grant: PathBuf,
+    /// The S3GrantClass manifest the grant would use; without it, a class that permits
+    /// the grant with default backend settings is assumed.
+    #[arg(long, value_name = "CLASS.yaml")]
+    pub class: Option<PathBuf>,
+    /// A label of the grant's namespace, for the class's namespaceSelector; repeat for several.
+    #[arg(long = "namespace-label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub namespace_labels: Vec<(String, String)>,
+}
+
+fn parse_label(text: &str) -> std::result::Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| "expected KEY=VALUE".to_string())
+}
+
+pub fn crd(args: &CrdArgs) -> Result<String> {
+    if args.split.is_empty() {
+        return Ok(crate::api::crds_yaml());
+    }
+    let mut written = String::new();
+    for dir in &args.split {
+        for crd in crate::api::crds() {
+            let path = dir.join(format!(
+                "{}.yaml",
+                crd.metadata.name.as_deref().unwrap_or("crd")
+            ));
+            let yaml = serde_yaml::to_string(&crd).expect("a CRD always serializes");
+            std::fs::write(&path, yaml).map_err(|e| Error::Manifest {
+                what: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            written.push_str(&format!("wrote {}\n", path.display()));
+        }
+    }
+    Ok(written)
+}
+
+pub fn policy(args: &PolicyArgs) -> Result<String> {
+    let mode = match (args.read_only, args.write_only) {
+        (true, _) => Mode::ReadOnly,
+        (_, true) => Mode::WriteOnly,
+        _ => Mode::ReadWrite,
+    };
+    let bucket = BucketName::parse(&args.bucket)?;
+    let prefixes = parse_prefixes(&args.prefixes)?;
+    Ok(build_policy(&bucket, &prefixes, mode).to_pretty_json())
+}
+
+pub fn plan(args: &PlanArgs) -> Result<String> {
+    let mut grant: S3Grant = parse_manifest("S3Grant manifest", &read(&args.grant)?)?;
+    if grant.metadata.namespace.is_none() {
+        grant.metadata.namespace = Some("default".into());
+    }
+    let mut notes = Vec::new();
+    if grant.metadata.uid.is_none() {
+        grant.metadata.uid = Some("uid-assigned-at-creation".into());
+        notes.push("names end in a hash of the uid the API server assigns; shown here for a placeholder uid");
+    }
+    let class = match &args.class {
+        Some(path) => {
+            let class: S3GrantClass = parse_manifest("S3GrantClass manifest", &read(path)?)?;
+            let namespace = grant.metadata.namespace.clone().unwrap_or_default();
+            let labels: BTreeMap<String, String> = args.namespace_labels.iter().cloned().collect();
+            let mut checked = class.clone();
+            if class.spec.namespace_selector.is_some() && labels.is_empty() {
+                checked.spec.namespace_selector = None;
+                notes.push("the class's namespaceSelector was not checked: give the namespace's labels with --namespace-label");
+            }
+            check_permitted(&checked, &namespace, &labels, &grant.spec)?;
+            class
+        }
+        None => {
+            notes.push("no --class: assuming a class that permits this grant, with default backend settings");
+            assumed_class()
+        }
+    };
+    let plan = plan_grant(&grant, &class)?;
+    let mut out = plan.describe();
+    for note in notes {
+        out.push_str(&format!("note: {note}\n"));
+    }
+    Ok(out)
+}
+
+fn assumed_class() -> S3GrantClass {
+    S3GrantClass::new(
+        "(assumed)",
+        S3GrantClassSpec {
+            backend: Backend {
+                role_arn: Some("arn:aws:iam::ACCOUNT:role/CLASS-ROLE".into()),
+                ..Backend::default()
+            },
+            namespace_selector: None,
+            buckets: Vec::new(),
+            prefix_template: None,
+            allow_whole_bucket: true,
+            modes: None,
+            max_duration: None,
+            allow_iam_users: None,
+        },
+    )
+}
+
+fn read(path: &PathBuf) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| Error::Manifest {
+        what: path.display().to_string(),
+        reason: e.to_string(),
+    })
+}
