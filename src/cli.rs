@@ -25,6 +25,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the controller.
+    Run(crate::controller::Config),
     /// Print the CustomResourceDefinitions (the files in crds/ are generated from this).
     Crd(CrdArgs),
     /// Print the IAM policy for a bucket, like `s3-credentials policy`.

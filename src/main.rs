@@ -6,6 +6,7 @@ use s3grant::cli::{self, Cli, Command};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let output = match cli.command {
+        Command::Run(config) => return run(config),
         Command::Crd(args) => cli::crd(&args),
         Command::Policy(args) => cli::policy(&args),
         Command::Plan(args) => cli::plan(&args),
@@ -20,6 +21,23 @@ fn main() -> ExitCode {
         }
         Err(err) => {
             eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config: s3grant::controller::Config) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(s3grant::operator::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
     }

@@ -1,0 +1,278 @@
+//! AWS clients for a class's backend, and how AWS errors become ours. Credentials for
+//! the operator come from the default chain (IRSA, Pod Identity, environment) unless the
+//! class names a Secret with keys for an S3-compatible store.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
+use aws_smithy_types::error::metadata::ProvideErrorMetadata;
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
+
+use crate::api::{S3GrantClass, DEFAULT_REGION};
+use crate::error::{Error, Result};
+use crate::metrics::{AwsCallCounter, Metrics};
+
+/// Credentials handed to a tenant. Their `Debug` never shows the secret parts.
+#[derive(Clone, PartialEq)]
+pub struct Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: Option<String>,
+    pub expiration: Option<Timestamp>,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .field(
+                "session_token",
+                &self.session_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("expiration", &self.expiration)
+            .finish()
+    }
+}
+
+/// IAM and STS clients for one class's backend.
+#[derive(Clone, Debug)]
+pub struct AwsClients {
+    pub iam: aws_sdk_iam::Client,
+    pub sts: aws_sdk_sts::Client,
+    /// True when the operator's own credentials are role credentials (a session token),
+    /// so AssumeRole is role chaining and capped at one hour.
+    pub role_chaining: bool,
+}
+
+/// The operator's base AWS configuration from the default chain, loaded once.
+/// Region is fixed here so loading never probes instance metadata for it; each class sets its own.
+pub async fn load_base_config() -> SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new(DEFAULT_REGION))
+        .retry_config(RetryConfig::standard().with_max_attempts(3))
+        .timeout_config(
+            TimeoutConfig::builder()
+                .operation_attempt_timeout(Duration::from_secs(20))
+                .operation_timeout(Duration::from_secs(60))
+                .build(),
+        )
+        .load()
+        .await
+}
+
+/// Clients for the class's backend: its region and endpoint, and the keys in its
+/// credentials Secret when it names one.
+pub async fn clients_for(
+    base: &SdkConfig,
+    class: &S3GrantClass,
+    secrets: impl Fn(&str) -> Api<Secret>,
+    metrics: Arc<Metrics>,
+) -> Result<AwsClients> {
+    let backend = &class.spec.backend;
+    let class_name = class.metadata.name.clone().unwrap_or_default();
+    let mut config = base.to_builder();
+    config.set_region(Some(Region::new(
+        backend
+            .region
+            .clone()
+            .unwrap_or_else(|| DEFAULT_REGION.into()),
+    )));
+    if let Some(endpoint) = &backend.endpoint {
+        config.set_endpoint_url(Some(endpoint.clone()));
+    }
+    if let Some(reference) = &backend.credentials_secret_ref {
+        let credentials =
+            read_backend_credentials(&secrets(&reference.namespace), &class_name, &reference.name)
+                .await?;
+        config.set_credentials_provider(Some(SharedCredentialsProvider::new(credentials)));
+    }
+    let config = config.build();
+    let role_chaining = match config.credentials_provider() {
+        Some(provider) => provider
+            .provide_credentials()
+            .await
+            .map(|c| c.session_token().is_some())
+            .map_err(|e| Error::ClassMisconfigured {
+                class: class_name.clone(),
+                reason: format!("the operator has no AWS credentials for this backend: {e}"),
+            })?,
+        None => false,
+    };
+    let iam = aws_sdk_iam::Client::from_conf(
+        aws_sdk_iam::config::Builder::from(&config)
+            .interceptor(AwsCallCounter(metrics.clone()))
+            .build(),
+    );
+    let sts = aws_sdk_sts::Client::from_conf(
+        aws_sdk_sts::config::Builder::from(&config)
+            .interceptor(AwsCallCounter(metrics))
+            .build(),
+    );
+    Ok(AwsClients {
+        iam,
+        sts,
+        role_chaining,
+    })
+}
+
+async fn read_backend_credentials(
+    api: &Api<Secret>,
+    class: &str,
+    name: &str,
+) -> Result<aws_credential_types::Credentials> {
+    let misconfigured = |reason: String| Error::ClassMisconfigured {
+        class: class.to_string(),
+        reason,
+    };
+    let secret = api
+        .get_opt(name)
+        .await
+        .map_err(Error::kube("read the class's credentials Secret"))?
+        .ok_or_else(|| misconfigured(format!("credentials Secret {name} does not exist")))?;
+    let data = secret.data.unwrap_or_default();
+    let field = |key: &str| {
+        data.get(key)
+            .and_then(|v| String::from_utf8(v.0.clone()).ok())
+            .filter(|v| !v.is_empty())
+    };
+    let (Some(id), Some(key)) = (field("AWS_ACCESS_KEY_ID"), field("AWS_SECRET_ACCESS_KEY")) else {
+        return Err(misconfigured(format!(
+            "credentials Secret {name} needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        )));
+    };
+    Ok(aws_credential_types::Credentials::new(
+        id,
+        key,
+        field("AWS_SESSION_TOKEN"),
+        None,
+        "s3grant-class-secret",
+    ))
+}
+
+/// What went wrong in one AWS call, with the error code when the service sent one.
+#[derive(Debug)]
+pub struct AwsFailure {
+    pub code: Option<String>,
+    pub status: Option<u16>,
+    pub message: String,
+    pub transient: bool,
+}
+
+impl AwsFailure {
+    pub fn from_sdk<E>(
+        err: aws_smithy_runtime_api::client::result::SdkError<
+            E,
+            aws_smithy_runtime_api::http::Response,
+        >,
+    ) -> Self
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        use aws_smithy_runtime_api::client::result::SdkError;
+        match &err {
+            SdkError::ServiceError(service) => {
+                let status = service.raw().status().as_u16();
+                let code = service.err().code().map(str::to_string);
+                let message = service
+                    .err()
+                    .message()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("HTTP {status}"));
+                let transient = status >= 500
+                    || status == 429
+                    || code.as_deref().is_some_and(is_throttling_code);
+                AwsFailure {
+                    code,
+                    status: Some(status),
+                    message,
+                    transient,
+                }
+            }
+            SdkError::TimeoutError(_)
+            | SdkError::DispatchFailure(_)
+            | SdkError::ResponseError(_) => AwsFailure {
+                code: None,
+                status: None,
+                message: aws_smithy_types::error::display::DisplayErrorContext(&err).to_string(),
+                transient: true,
+            },
+            _ => AwsFailure {
+                code: None,
+                status: None,
+                message: aws_smithy_types::error::display::DisplayErrorContext(&err).to_string(),
+                transient: false,
+            },
+        }
+    }
+
+    pub fn is_code(&self, code: &str) -> bool {
+        self.code.as_deref() == Some(code)
+    }
+
+    pub fn into_error(self, operation: &'static str) -> Error {
+        Error::Aws {
+            operation,
+            code: self.code,
+            message: self.message,
+            transient: self.transient,
+        }
+    }
+}
+
+fn is_throttling_code(code: &str) -> bool {
+    matches!(
+        code,
+        "Throttling"
+            | "ThrottlingException"
+            | "RequestLimitExceeded"
+            | "TooManyRequestsException"
+            | "ServiceUnavailable"
+            | "RequestTimeout"
+    )
+}
+
+/// Converts an SDK error into ours, naming the operation.
+pub fn aws_error<E>(
+    operation: &'static str,
+) -> impl FnOnce(
+    aws_smithy_runtime_api::client::result::SdkError<E, aws_smithy_runtime_api::http::Response>,
+) -> Error
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    move |err| AwsFailure::from_sdk(err).into_error(operation)
+}
+
+/// Converts an SDK timestamp.
+pub fn timestamp(time: &aws_smithy_types::DateTime) -> Timestamp {
+    Timestamp::from_second(time.secs()).unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_debug_never_shows_secrets() {
+        let credentials = Credentials {
+            access_key_id: "AKIDEXAMPLE".into(),
+            secret_access_key: "wJalrXUtnFEMI/K7MDENG".into(),
+            session_token: Some("FQoGZXIvYXdzEPT".into()),
+            expiration: None,
+        };
+        let shown = format!("{credentials:?}");
+        assert!(shown.contains("AKIDEXAMPLE"));
+        assert!(
+            !shown.contains("wJalrXUtnFEMI") && !shown.contains("FQoGZXIvYXdzEPT"),
+            "{shown}"
+        );
+    }
+}

@@ -1,0 +1,732 @@
+//! The controller: one pipeline per grant — resolve class → check guardrails → plan →
+//! check the Secret → ensure AWS → write the Secret → write status → requeue at the next
+//! deadline. Deleting a grant runs `cleanup` behind a finalizer.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{predicates, watcher, Predicate, WatchStreamExt};
+use kube::{Client, Resource, ResourceExt};
+use tokio::sync::OnceCell;
+
+use crate::api::{
+    S3Grant, S3GrantClass, S3GrantStatus, FIELD_MANAGER, FINALIZER, MANAGED_BY_LABEL,
+    ROTATE_REQUESTED_ANNOTATION,
+};
+use crate::aws::{clients_for, load_base_config, AwsClients, Credentials};
+use crate::error::{Error, Result};
+use crate::guardrails::{check_permitted, select_class};
+use crate::iam_user::{
+    create_key, decide_key_actions, delete_key, delete_user, ensure_policy, ensure_user, list_keys,
+};
+use crate::metrics::Metrics;
+use crate::naming::iam_user_name;
+use crate::plan::{plan_grant, CredentialPlan, GrantPlan};
+use crate::secret::{build_secret, digest, inspect_secret, needs_write, rfc3339, ExistingSecret};
+use crate::status::{failed_status, ready_condition};
+use crate::sts_session::{assume_role, effective_duration, refresh_at};
+use crate::validate::parse_duration;
+
+/// `s3grant run` flags; each also reads an environment variable.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Config {
+    /// Grants reconciled at once (IAM rate-limits its API).
+    #[arg(long, env = "S3GRANT_CONCURRENCY", default_value_t = 4)]
+    pub concurrency: u16,
+    /// How long a replaced access key stays valid after a rotation, for pods still using it.
+    #[arg(long, env = "S3GRANT_KEY_GRACE_PERIOD", default_value = "24h", value_parser = duration_arg)]
+    pub key_grace_period: Duration,
+    /// How often an unchanged IAM-user grant is checked for drift in AWS.
+    #[arg(long, env = "S3GRANT_RESYNC_PERIOD", default_value = "1h", value_parser = duration_arg)]
+    pub resync_period: Duration,
+    /// Address of the admin server (/livez, /readyz, /metrics).
+    #[arg(long, env = "S3GRANT_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
+    pub admin_addr: std::net::SocketAddr,
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "S3GRANT_LOG_JSON")]
+    pub log_json: bool,
+    /// Take a coordination.k8s.io Lease before acting, for running more than one replica.
+    #[arg(long, env = "S3GRANT_LEADER_ELECTION")]
+    pub leader_election: bool,
+    /// Namespace of the leader-election Lease.
+    #[arg(
+        long,
+        env = "S3GRANT_LEASE_NAMESPACE",
+        default_value = "s3grant-system"
+    )]
+    pub lease_namespace: String,
+    /// How long a leader's Lease lasts without renewal.
+    #[arg(long, env = "S3GRANT_LEASE_DURATION", default_value = "15s", value_parser = duration_arg)]
+    pub lease_duration: Duration,
+    /// This replica's identity in the Lease (the pod name in a Deployment).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+}
+
+fn duration_arg(text: &str) -> std::result::Result<Duration, String> {
+    parse_duration(text)
+}
+
+pub struct Context {
+    pub client: Client,
+    pub config: Config,
+    pub aws_base: aws_config::SdkConfig,
+    pub classes: Store<S3GrantClass>,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    default_chain_is_role: OnceCell<bool>,
+}
+
+impl Context {
+    fn secrets(&self, namespace: &str) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+
+    async fn aws_for(&self, class: &S3GrantClass) -> Result<AwsClients> {
+        let client = self.client.clone();
+        let mut clients = clients_for(
+            &self.aws_base,
+            class,
+            |ns| Api::namespaced(client.clone(), ns),
+            self.metrics.clone(),
+        )
+        .await?;
+        if class.spec.backend.credentials_secret_ref.is_none() {
+            clients.role_chaining = *self
+                .default_chain_is_role
+                .get_or_init(|| async { clients.role_chaining })
+                .await;
+        }
+        Ok(clients)
+    }
+
+    async fn publish(&self, grant: &S3Grant, type_: EventType, reason: &str, note: String) {
+        let event = KubeEvent {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: reason.into(),
+            secondary: None,
+        };
+        if let Err(err) = self.recorder.publish(&event, &grant.object_ref(&())).await {
+            tracing::warn!(error = %err, "could not publish event");
+        }
+    }
+}
+
+/// What an issue step produced, for the status and the next requeue.
+struct Issued {
+    credentials: Credentials,
+    changed: Option<&'static str>,
+    next_due: Timestamp,
+    note: Option<String>,
+    handled_rotation_request: Option<String>,
+}
+
+pub async fn reconcile(grant: Arc<S3Grant>, ctx: Arc<Context>) -> Result<Action> {
+    let started = std::time::Instant::now();
+    let namespace = grant.namespace().unwrap_or_default();
+    let api: Api<S3Grant> = Api::namespaced(ctx.client.clone(), &namespace);
+    let result = finalizer(&api, FINALIZER, grant, |event| async {
+        match event {
+            FinalizerEvent::Apply(grant) => apply(&grant, &ctx).await,
+            FinalizerEvent::Cleanup(grant) => cleanup(&grant, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|err| match err {
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        kube::runtime::finalizer::Error::AddFinalizer(e)
+        | kube::runtime::finalizer::Error::RemoveFinalizer(e) => Error::Kube {
+            action: "update finalizers",
+            source: e,
+        },
+        other => Error::InvalidSpec(other.to_string()),
+    });
+    ctx.metrics
+        .reconciled(started.elapsed(), result.as_ref().err());
+    result
+}
+
+pub fn error_policy(grant: Arc<S3Grant>, error: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(grant = %grant.name_any(), namespace = grant.namespace().as_deref().unwrap_or(""), category = error.category(), error = %error, "reconcile failed");
+    Action::requeue(error.requeue_after())
+}
+
+async fn apply(grant: &S3Grant, ctx: &Context) -> Result<Action> {
+    let now = Timestamp::now();
+    let previous = grant.status.as_ref();
+    match issue(grant, ctx, now).await {
+        Ok((plan, issued)) => {
+            let status = ready_status(grant, &plan, &issued, previous, now);
+            write_status(grant, ctx, &status).await?;
+            if let Some(reason) = issued.changed {
+                let note = format!(
+                    "{} credentials for s3://{}/{} ({}) written to Secret {} (access key {})",
+                    plan.credential_kind(),
+                    plan.bucket,
+                    plan.prefixes.first().map(|p| p.as_str()).unwrap_or(""),
+                    grant.spec.mode,
+                    plan.secret_name,
+                    issued.credentials.access_key_id
+                );
+                tracing::info!(grant = %grant.name_any(), namespace = %plan.namespace, reason, access_key_id = %issued.credentials.access_key_id, "credentials written");
+                if reason != "Refreshed" {
+                    ctx.publish(grant, EventType::Normal, reason, note).await;
+                }
+            }
+            ctx.metrics
+                .set_expiry(&plan.namespace, &plan.name, issued.credentials.expiration);
+            let wait = (issued.next_due.as_second() - now.as_second()).max(1) as u64;
+            Ok(Action::requeue(
+                Duration::from_secs(wait).min(ctx.config.resync_period),
+            ))
+        }
+        Err(error) if error.is_user_error() => {
+            let revoke = matches!(error, Error::NotPermitted { .. } | Error::ClassNotFound(_));
+            if revoke {
+                revoke_grant(grant, ctx).await?;
+            }
+            let status = failed_status(
+                previous,
+                error.category(),
+                error.to_string(),
+                grant.metadata.generation,
+                revoke,
+                now,
+            );
+            if Some(&status) != previous {
+                ctx.publish(
+                    grant,
+                    EventType::Warning,
+                    error.category(),
+                    error.to_string(),
+                )
+                .await;
+            }
+            write_status(grant, ctx, &status).await?;
+            tracing::info!(grant = %grant.name_any(), category = error.category(), error = %error, "grant not ready");
+            Ok(Action::requeue(error.requeue_after()))
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// Steps 1–6 of the pipeline for a grant that exists.
+async fn issue(grant: &S3Grant, ctx: &Context, now: Timestamp) -> Result<(GrantPlan, Issued)> {
+    let namespace = grant.namespace().unwrap_or_default();
+    let classes = ctx.classes.state();
+    let classes: Vec<S3GrantClass> = classes.iter().map(|c| (**c).clone()).collect();
+    let class = select_class(grant.spec.class_name.as_deref(), &classes)?;
+    let labels = if class.spec.namespace_selector.is_some() {
+        namespace_labels(ctx, &namespace).await?
+    } else {
+        BTreeMap::new()
+    };
+    check_permitted(class, &namespace, &labels, &grant.spec)?;
+    let plan = plan_grant(grant, class)?;
+
+    let secrets = ctx.secrets(&namespace);
+    let existing = secrets
+        .get_opt(&plan.secret_name)
+        .await
+        .map_err(Error::kube("read the grant's Secret"))?;
+    let uid = grant.uid().unwrap_or_default();
+    let inspected = inspect_secret(existing.as_ref(), &uid);
+    if let ExistingSecret::Foreign = inspected {
+        return Err(Error::SecretConflict {
+            namespace: namespace.clone(),
+            name: plan.secret_name.clone(),
+        });
+    }
+    let (current, issued_for) = match inspected {
+        ExistingSecret::Ours {
+            credentials,
+            issued_for,
+        } => (credentials, issued_for),
+        _ => (None, None),
+    };
+
+    let aws = ctx.aws_for(class).await?;
+    let issued = match &plan.credential {
+        CredentialPlan::IamUser {
+            user_name,
+            rotate_every,
+            ..
+        } => {
+            let current =
+                current.filter(|_| issued_for.as_deref() == Some(digest(user_name).as_str()));
+            issue_iam_user(
+                grant,
+                ctx,
+                &aws,
+                &plan,
+                user_name,
+                *rotate_every,
+                current,
+                now,
+            )
+            .await?
+        }
+        CredentialPlan::StsSession {
+            role_arn,
+            session_name,
+            duration,
+        } => {
+            if grant.status.as_ref().is_some_and(|s| s.iam_user.is_some()) {
+                // The grant moved from an IAM user to STS: the user goes.
+                delete_user(
+                    &aws.iam,
+                    &iam_user_name(&namespace, &grant.name_any(), &uid),
+                    &uid,
+                )
+                .await?;
+            }
+            let (duration, note) = effective_duration(*duration, aws.role_chaining);
+            let wanted_for = digest(&format!(
+                "{role_arn}\n{session_name}\n{}\n{}",
+                duration.as_secs(),
+                plan.policy.to_compact_json()
+            ));
+            let current = current.filter(|_| issued_for.as_deref() == Some(wanted_for.as_str()));
+            let seed = u64::from_str_radix(&digest(&uid)[..12], 16).unwrap_or_default();
+            let due = current
+                .as_ref()
+                .and_then(|c| c.expiration)
+                .map(|exp| refresh_at(exp, duration, seed));
+            let (credentials, changed) = match (current, due) {
+                (Some(current), Some(due)) if now < due => (current, None),
+                (previous, _) => {
+                    let fresh =
+                        assume_role(&aws.sts, role_arn, session_name, &plan.policy, duration)
+                            .await?;
+                    (
+                        fresh,
+                        Some(if previous.is_some() {
+                            "Refreshed"
+                        } else {
+                            "Issued"
+                        }),
+                    )
+                }
+            };
+            let next_due = credentials
+                .expiration
+                .map(|exp| refresh_at(exp, duration, seed))
+                .unwrap_or(now);
+            write_secret(
+                grant,
+                &secrets,
+                &plan,
+                existing.as_ref(),
+                &credentials,
+                &wanted_for,
+            )
+            .await?;
+            Issued {
+                credentials,
+                changed,
+                next_due,
+                note,
+                handled_rotation_request: rotation_request(grant),
+            }
+        }
+    };
+    Ok((plan, issued))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn issue_iam_user(
+    grant: &S3Grant,
+    ctx: &Context,
+    aws: &AwsClients,
+    plan: &GrantPlan,
+    user_name: &str,
+    rotate_every: Option<Duration>,
+    current: Option<Credentials>,
+    now: Timestamp,
+) -> Result<Issued> {
+    let existed = ensure_user(&aws.iam, plan).await?;
+    ensure_policy(&aws.iam, user_name, &plan.policy, !existed).await?;
+    let keys = if existed {
+        list_keys(&aws.iam, user_name).await?
+    } else {
+        Vec::new()
+    };
+    let current_key = current
+        .as_ref()
+        .and_then(|c| keys.iter().find(|k| k.id == c.access_key_id));
+    let requested = rotation_request(grant);
+    let rotation_requested = requested.is_some()
+        && requested
+            != grant
+                .status
+                .as_ref()
+                .and_then(|s| s.handled_rotation_request.clone());
+    let rotation_due = match (current_key, rotate_every) {
+        (Some(key), Some(period)) => {
+            now >= key
+                .created
+                .saturating_add(
+                    jiff::SignedDuration::try_from(period).unwrap_or(jiff::SignedDuration::MAX),
+                )
+                .unwrap_or(Timestamp::MAX)
+        }
+        _ => false,
+    };
+    let grace = ctx.config.key_grace_period;
+    let actions = decide_key_actions(
+        &keys,
+        current_key.map(|k| k.id.as_str()),
+        rotation_requested || rotation_due,
+        now,
+        grace,
+    );
+    for key_id in &actions.delete {
+        tracing::info!(user = user_name, access_key_id = %key_id, "deleting access key");
+        delete_key(&aws.iam, user_name, key_id).await?;
+    }
+    let secrets = ctx.secrets(&plan.namespace);
+    let existing = secrets
+        .get_opt(&plan.secret_name)
+        .await
+        .map_err(Error::kube("read the grant's Secret"))?;
+    let (credentials, changed, created_at) = match (actions.create, current, current_key) {
+        (false, Some(current), Some(key)) => (current, None, key.created),
+        (_, previous, _) => {
+            let (key, fresh) = create_key(&aws.iam, user_name).await?;
+            let reason = if previous.is_some() || !keys.is_empty() {
+                "Rotated"
+            } else {
+                "Issued"
+            };
+            (fresh, Some(reason), key.created)
+        }
+    };
+    write_secret(
+        grant,
+        &secrets,
+        plan,
+        existing.as_ref(),
+        &credentials,
+        &digest(user_name),
+    )
+    .await?;
+
+    let keys_left = keys.len() - actions.delete.len();
+    let grace_signed = jiff::SignedDuration::try_from(grace).unwrap_or(jiff::SignedDuration::MAX);
+    let mut next_due = now
+        .saturating_add(
+            jiff::SignedDuration::try_from(ctx.config.resync_period)
+                .unwrap_or(jiff::SignedDuration::MAX),
+        )
+        .unwrap_or(Timestamp::MAX);
+    if let Some(retire) = actions.retire_previous_at {
+        next_due = next_due.min(retire);
+    }
+    if changed.is_some() && keys_left > 0 {
+        next_due = next_due.min(now.saturating_add(grace_signed).unwrap_or(Timestamp::MAX));
+    }
+    if let Some(period) = rotate_every {
+        let rotate_at = created_at
+            .saturating_add(
+                jiff::SignedDuration::try_from(period).unwrap_or(jiff::SignedDuration::MAX),
+            )
+            .unwrap_or(Timestamp::MAX);
+        next_due = next_due.min(rotate_at);
+    }
+    Ok(Issued {
+        credentials,
+        changed,
+        next_due,
+        note: None,
+        handled_rotation_request: requested,
+    })
+}
+
+fn rotation_request(grant: &S3Grant) -> Option<String> {
+    grant
+        .annotations()
+        .get(ROTATE_REQUESTED_ANNOTATION)
+        .cloned()
+}
+
+async fn namespace_labels(ctx: &Context, namespace: &str) -> Result<BTreeMap<String, String>> {
+    let api: Api<Namespace> = Api::all(ctx.client.clone());
+    let ns = api
+        .get(namespace)
+        .await
+        .map_err(Error::kube("read the grant's namespace"))?;
+    Ok(ns.metadata.labels.unwrap_or_default())
+}
+
+async fn write_secret(
+    grant: &S3Grant,
+    api: &Api<Secret>,
+    plan: &GrantPlan,
+    existing: Option<&Secret>,
+    credentials: &Credentials,
+    issued_for: &str,
+) -> Result<()> {
+    let desired = build_secret(grant, plan, credentials, issued_for);
+    if !needs_write(existing, &desired) {
+        return Ok(());
+    }
+    api.patch(
+        &plan.secret_name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&desired),
+    )
+    .await
+    .map_err(Error::kube("write the grant's Secret"))?;
+    Ok(())
+}
+
+fn ready_status(
+    grant: &S3Grant,
+    plan: &GrantPlan,
+    issued: &Issued,
+    previous: Option<&S3GrantStatus>,
+    now: Timestamp,
+) -> S3GrantStatus {
+    let scope = if plan.prefixes.is_empty() {
+        format!("s3://{}", plan.bucket)
+    } else {
+        plan.prefixes
+            .iter()
+            .map(|p| format!("s3://{}/{p}", plan.bucket))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut message = format!(
+        "{} credentials for {scope} ({}) are in Secret {}",
+        plan.credential_kind(),
+        grant.spec.mode,
+        plan.secret_name
+    );
+    if let Some(note) = &issued.note {
+        message.push_str("; ");
+        message.push_str(note);
+    }
+    let generation = grant.metadata.generation;
+    let last_rotated = match issued.changed {
+        Some(_) => Some(rfc3339(now)),
+        None => previous.and_then(|s| s.last_rotated.clone()),
+    };
+    let (iam_user, role_session_name) = match &plan.credential {
+        CredentialPlan::IamUser { user_name, .. } => (Some(user_name.clone()), None),
+        CredentialPlan::StsSession { session_name, .. } => (None, Some(session_name.clone())),
+    };
+    S3GrantStatus {
+        observed_generation: generation,
+        conditions: vec![ready_condition(
+            true, "Issued", message, generation, previous, now,
+        )],
+        credential_kind: Some(plan.credential_kind().into()),
+        class_name: Some(plan.class_name.clone()),
+        secret_name: Some(plan.secret_name.clone()),
+        iam_user,
+        role_session_name,
+        access_key_id: Some(issued.credentials.access_key_id.clone()),
+        expires_at: issued.credentials.expiration.map(rfc3339),
+        last_rotated,
+        handled_rotation_request: issued.handled_rotation_request.clone(),
+        policy_size: Some(plan.policy_size as i64),
+    }
+}
+
+async fn write_status(grant: &S3Grant, ctx: &Context, status: &S3GrantStatus) -> Result<()> {
+    if grant.status.as_ref() == Some(status) {
+        return Ok(());
+    }
+    let api: Api<S3Grant> =
+        Api::namespaced(ctx.client.clone(), &grant.namespace().unwrap_or_default());
+    let patch = serde_json::json!({
+        "apiVersion": S3Grant::api_version(&()),
+        "kind": S3Grant::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &grant.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(Error::kube("write the grant's status"))?;
+    Ok(())
+}
+
+/// Removes what a grant holds: its IAM user and keys, and its Secret. Used on delete and
+/// when a grant is no longer permitted. STS sessions already issued cannot be revoked one
+/// by one; deleting the Secret stops them being handed out.
+async fn revoke_grant(grant: &S3Grant, ctx: &Context) -> Result<bool> {
+    let namespace = grant.namespace().unwrap_or_default();
+    let uid = grant.uid().unwrap_or_default();
+    let mut revoked = false;
+    let had_user = grant.status.as_ref().is_some_and(|s| s.iam_user.is_some());
+    let classes = ctx.classes.state();
+    let classes: Vec<S3GrantClass> = classes.iter().map(|c| (**c).clone()).collect();
+    let used = grant
+        .status
+        .as_ref()
+        .and_then(|s| s.class_name.clone())
+        .or_else(|| grant.spec.class_name.clone());
+    match select_class(used.as_deref(), &classes) {
+        Ok(class) => {
+            let aws = ctx.aws_for(class).await?;
+            revoked |= delete_user(
+                &aws.iam,
+                &iam_user_name(&namespace, &grant.name_any(), &uid),
+                &uid,
+            )
+            .await?;
+        }
+        Err(err) if had_user => {
+            return Err(Error::ClassNotFound(format!(
+                "cannot delete IAM user {} because its class is gone ({err}); recreate the class so s3grant can clean up",
+                grant.status.as_ref().and_then(|s| s.iam_user.clone()).unwrap_or_default()
+            )));
+        }
+        Err(_) => {}
+    }
+    let secrets = ctx.secrets(&namespace);
+    let secret_name = grant
+        .status
+        .as_ref()
+        .and_then(|s| s.secret_name.clone())
+        .unwrap_or_else(|| grant.secret_name());
+    let existing = secrets
+        .get_opt(&secret_name)
+        .await
+        .map_err(Error::kube("read the grant's Secret"))?;
+    if let ExistingSecret::Ours { .. } = inspect_secret(existing.as_ref(), &uid) {
+        match secrets.delete(&secret_name, &DeleteParams::default()).await {
+            Ok(_) => revoked = true,
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(err) => {
+                return Err(Error::Kube {
+                    action: "delete the grant's Secret",
+                    source: err,
+                })
+            }
+        }
+    }
+    if revoked {
+        ctx.publish(
+            grant,
+            EventType::Normal,
+            "Revoked",
+            "IAM user, access keys and Secret removed".into(),
+        )
+        .await;
+    }
+    Ok(revoked)
+}
+
+async fn cleanup(grant: &S3Grant, ctx: &Context) -> Result<Action> {
+    revoke_grant(grant, ctx).await?;
+    ctx.metrics
+        .forget(&grant.namespace().unwrap_or_default(), &grant.name_any());
+    tracing::info!(grant = %grant.name_any(), namespace = grant.namespace().as_deref().unwrap_or(""), "grant deleted; AWS side cleaned up");
+    Ok(Action::await_change())
+}
+
+/// Runs the controller until SIGTERM or SIGINT.
+pub async fn run(
+    client: Client,
+    config: Config,
+    metrics: Arc<Metrics>,
+    ready: Arc<crate::admin::Readiness>,
+) -> anyhow::Result<()> {
+    let aws_base = load_base_config().await;
+    let grants: Api<S3Grant> = Api::all(client.clone());
+    let classes: Api<S3GrantClass> = Api::all(client.clone());
+    let secret_metadata: Api<PartialObjectMeta<Secret>> = Api::all(client.clone());
+
+    // The first list proves the CRDs are served.
+    grants
+        .list(&kube::api::ListParams::default().limit(1))
+        .await?;
+    classes
+        .list(&kube::api::ListParams::default().limit(1))
+        .await?;
+
+    let (class_store, class_writer) = reflector::store();
+    let (class_changed, class_changes) = futures::channel::mpsc::channel::<()>(16);
+    let class_watch =
+        reflector::reflector(class_writer, watcher(classes, watcher::Config::default()))
+            .default_backoff()
+            .touched_objects()
+            .for_each(move |event| {
+                let mut class_changed = class_changed.clone();
+                if event.is_ok() {
+                    let _ = class_changed.try_send(());
+                }
+                std::future::ready(())
+            });
+    tokio::spawn(class_watch);
+    class_store.wait_until_ready().await?;
+
+    let reporter = Reporter {
+        controller: "s3grant".into(),
+        instance: config.identity.clone(),
+    };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client: client.clone(),
+        config: config.clone(),
+        aws_base,
+        classes: class_store,
+        metrics: metrics.clone(),
+        default_chain_is_role: OnceCell::new(),
+    });
+    let owned_secrets = watcher(
+        secret_metadata,
+        watcher::Config::default()
+            .labels(&format!("{}={}", MANAGED_BY_LABEL.0, MANAGED_BY_LABEL.1)),
+    )
+    .default_backoff()
+    .touched_objects();
+    // Status writes do not change generation, annotations or finalizers, so they do not wake us.
+    let spec_changes = predicates::generation
+        .combine(predicates::annotations)
+        .combine(predicates::finalizers);
+    let (grant_store, grant_writer) = reflector::store();
+    let grant_stream =
+        reflector::reflector(grant_writer, watcher(grants, watcher::Config::default()))
+            .default_backoff()
+            .touched_objects()
+            .predicate_filter(spec_changes, Default::default());
+    let controller = Controller::for_stream(grant_stream, grant_store.clone())
+        .with_config(kube::runtime::controller::Config::default().concurrency(config.concurrency))
+        .owns_stream(owned_secrets)
+        .reconcile_all_on(class_changes)
+        .shutdown_on_signal();
+    tokio::spawn(async move {
+        if grant_store.wait_until_ready().await.is_ok() {
+            ready.set_synced();
+        }
+    });
+    controller
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| {
+            if let Err(err) = result {
+                tracing::debug!(error = %err, "controller event");
+            }
+            std::future::ready(())
+        })
+        .await;
+    tracing::info!("controller stopped");
+    Ok(())
+}

@@ -1,0 +1,567 @@
+//! IAM-user grants: the user, its inline policy and its access keys, kept idempotently.
+//! Only users tagged with this grant's uid are ever changed or deleted.
+
+use std::time::Duration;
+
+use aws_sdk_iam::types::Tag;
+use jiff::Timestamp;
+
+use crate::aws::{aws_error, timestamp, AwsFailure, Credentials};
+use crate::error::{Error, Result};
+use crate::naming::INLINE_POLICY_NAME;
+use crate::plan::{GrantPlan, TAG_UID};
+use crate::policy::PolicyDocument;
+
+/// IAM allows two access keys per user.
+pub const MAX_KEYS_PER_USER: usize = 2;
+
+/// One access key as IAM lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccessKey {
+    pub id: String,
+    pub created: Timestamp,
+}
+
+/// What to do with a user's keys, decided without IO.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyActions {
+    /// Keys to delete, before any key is created.
+    pub delete: Vec<String>,
+    /// Whether to create a new key and write it to the Secret.
+    pub create: bool,
+    /// When a kept previous key must be deleted; the next reconcile is due then.
+    pub retire_previous_at: Option<Timestamp>,
+}
+
+/// Decides which keys to delete and whether to create one, keeping the rules:
+/// - the key in the Secret (`current`) is kept unless a rotation replaces it;
+/// - a key older than the current one is the previous key of a rotation: it lives until
+///   `grace` after the current key was created, so pods reading the old Secret keep working;
+/// - a key newer than the current one was created by a reconcile that crashed before
+///   writing the Secret: nobody holds it, so it goes at once;
+/// - without a usable current key, the newest key is kept for `grace` too (pods may still
+///   hold it), the rest go, and a new key is created;
+/// - never more than two keys: room is made before a key is created.
+pub fn decide_key_actions(
+    keys: &[AccessKey],
+    current: Option<&str>,
+    rotate: bool,
+    now: Timestamp,
+    grace: Duration,
+) -> KeyActions {
+    let mut sorted: Vec<&AccessKey> = keys.iter().collect();
+    sorted.sort_by_key(|k| (k.created, k.id.clone()));
+    let current_key = current.and_then(|id| sorted.iter().copied().find(|k| k.id == id));
+    let grace = jiff::SignedDuration::try_from(grace).unwrap_or(jiff::SignedDuration::MAX);
+
+    let mut actions = KeyActions::default();
+    match current_key {
+        Some(current_key) => {
+            let retire_at = current_key
+                .created
+                .saturating_add(grace)
+                .unwrap_or(Timestamp::MAX);
+            for key in sorted.iter().filter(|k| k.id != current_key.id) {
+                let orphan = key.created >= current_key.created;
+                if orphan || now >= retire_at {
+                    actions.delete.push(key.id.clone());
+                } else {
+                    actions.retire_previous_at = Some(retire_at);
+                }
+            }
+            if rotate {
+                actions.create = true;
+                // Room for the new key: a previous key still in its grace goes early.
+                let kept = sorted.len() - actions.delete.len();
+                if kept >= MAX_KEYS_PER_USER {
+                    for key in sorted.iter().filter(|k| k.id != current_key.id) {
+                        if !actions.delete.contains(&key.id) {
+                            actions.delete.push(key.id.clone());
+                        }
+                    }
+                }
+                actions.retire_previous_at = None;
+            }
+        }
+        None => {
+            actions.create = true;
+            // Keep only the newest key (someone may still hold it); delete older ones.
+            let keep = sorted.last().map(|k| k.id.clone());
+            for key in &sorted {
+                if Some(&key.id) != keep.as_ref() {
+                    actions.delete.push(key.id.clone());
+                }
+            }
+        }
+    }
+    actions
+}
+
+/// Ensures the user exists with our tags, path and boundary. Returns false when it had to be created.
+pub async fn ensure_user(iam: &aws_sdk_iam::Client, plan: &GrantPlan) -> Result<bool> {
+    let crate::plan::CredentialPlan::IamUser {
+        user_name,
+        path,
+        permissions_boundary,
+        tags,
+        ..
+    } = &plan.credential
+    else {
+        return Ok(true);
+    };
+    let uid = tag_value(tags, TAG_UID);
+    match get_user(iam, user_name).await? {
+        Some(user) => {
+            let ours = user
+                .tags()
+                .iter()
+                .any(|t| t.key() == TAG_UID && Some(t.value()) == uid);
+            if !ours {
+                return Err(Error::ForeignIamUser {
+                    user: user_name.clone(),
+                });
+            }
+            let boundary_now = user
+                .permissions_boundary()
+                .and_then(|b| b.permissions_boundary_arn());
+            if let Some(wanted) = permissions_boundary {
+                if boundary_now != Some(wanted.as_str()) {
+                    iam.put_user_permissions_boundary()
+                        .user_name(user_name)
+                        .permissions_boundary(wanted)
+                        .send()
+                        .await
+                        .map_err(aws_error("iam:PutUserPermissionsBoundary"))?;
+                }
+            }
+            Ok(true)
+        }
+        None => {
+            let mut request = iam.create_user().user_name(user_name).path(path);
+            for (key, value) in tags {
+                request = request.tags(
+                    Tag::builder()
+                        .key(key)
+                        .value(value)
+                        .build()
+                        .expect("tag key and value are set"),
+                );
+            }
+            if let Some(boundary) = permissions_boundary {
+                request = request.permissions_boundary(boundary);
+            }
+            match request.send().await {
+                Ok(_) => Ok(false),
+                Err(err) => {
+                    let failure = AwsFailure::from_sdk(err);
+                    if failure.is_code("EntityAlreadyExists") {
+                        // Created concurrently; the next reconcile checks its tags.
+                        return Err(Error::Aws {
+                            operation: "iam:CreateUser",
+                            code: failure.code,
+                            message: failure.message,
+                            transient: true,
+                        });
+                    }
+                    Err(failure.into_error("iam:CreateUser"))
+                }
+            }
+        }
+    }
+}
+
+fn tag_value<'a>(tags: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    tags.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
+async fn get_user(
+    iam: &aws_sdk_iam::Client,
+    user_name: &str,
+) -> Result<Option<aws_sdk_iam::types::User>> {
+    match iam.get_user().user_name(user_name).send().await {
+        Ok(out) => Ok(out.user),
+        Err(err) => {
+            let failure = AwsFailure::from_sdk(err);
+            if failure.is_code("NoSuchEntity") {
+                Ok(None)
+            } else {
+                Err(failure.into_error("iam:GetUser"))
+            }
+        }
+    }
+}
+
+/// Makes the user's policies exactly ours: our inline policy with our document, no other
+/// inline policy and no attached managed policy. Returns true when something was changed.
+pub async fn ensure_policy(
+    iam: &aws_sdk_iam::Client,
+    user_name: &str,
+    policy: &PolicyDocument,
+    known_new: bool,
+) -> Result<bool> {
+    let mut changed = false;
+    if !known_new {
+        let names = iam
+            .list_user_policies()
+            .user_name(user_name)
+            .send()
+            .await
+            .map_err(aws_error("iam:ListUserPolicies"))?
+            .policy_names;
+        for name in names.iter().filter(|n| *n != INLINE_POLICY_NAME) {
+            iam.delete_user_policy()
+                .user_name(user_name)
+                .policy_name(name)
+                .send()
+                .await
+                .map_err(aws_error("iam:DeleteUserPolicy"))?;
+            changed = true;
+        }
+        let attached = iam
+            .list_attached_user_policies()
+            .user_name(user_name)
+            .send()
+            .await
+            .map_err(aws_error("iam:ListAttachedUserPolicies"))?;
+        for arn in attached
+            .attached_policies()
+            .iter()
+            .filter_map(|p| p.policy_arn())
+        {
+            iam.detach_user_policy()
+                .user_name(user_name)
+                .policy_arn(arn)
+                .send()
+                .await
+                .map_err(aws_error("iam:DetachUserPolicy"))?;
+            changed = true;
+        }
+        if names.iter().any(|n| n == INLINE_POLICY_NAME)
+            && current_policy(iam, user_name).await?.as_ref() == Some(policy)
+        {
+            return Ok(changed);
+        }
+    }
+    iam.put_user_policy()
+        .user_name(user_name)
+        .policy_name(INLINE_POLICY_NAME)
+        .policy_document(policy.to_compact_json())
+        .send()
+        .await
+        .map_err(aws_error("iam:PutUserPolicy"))?;
+    Ok(true)
+}
+
+async fn current_policy(
+    iam: &aws_sdk_iam::Client,
+    user_name: &str,
+) -> Result<Option<PolicyDocument>> {
+    let out = iam
+        .get_user_policy()
+        .user_name(user_name)
+        .policy_name(INLINE_POLICY_NAME)
+        .send()
+        .await
+        .map_err(aws_error("iam:GetUserPolicy"))?;
+    // IAM returns the document URL-encoded; one that does not parse counts as drifted.
+    let document = percent_decode(out.policy_document());
+    Ok(serde_json::from_str(&document).ok())
+}
+
+fn percent_decode(text: &str) -> String {
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+pub async fn list_keys(iam: &aws_sdk_iam::Client, user_name: &str) -> Result<Vec<AccessKey>> {
+    let out = iam
+        .list_access_keys()
+        .user_name(user_name)
+        .send()
+        .await
+        .map_err(aws_error("iam:ListAccessKeys"))?;
+    Ok(out
+        .access_key_metadata()
+        .iter()
+        .filter_map(|k| {
+            Some(AccessKey {
+                id: k.access_key_id()?.to_string(),
+                created: k
+                    .create_date()
+                    .map(timestamp)
+                    .unwrap_or(Timestamp::UNIX_EPOCH),
+            })
+        })
+        .collect())
+}
+
+pub async fn create_key(
+    iam: &aws_sdk_iam::Client,
+    user_name: &str,
+) -> Result<(AccessKey, Credentials)> {
+    let out = iam
+        .create_access_key()
+        .user_name(user_name)
+        .send()
+        .await
+        .map_err(aws_error("iam:CreateAccessKey"))?;
+    let key = out.access_key.ok_or_else(|| Error::Aws {
+        operation: "iam:CreateAccessKey",
+        code: None,
+        message: "the response held no access key".into(),
+        transient: true,
+    })?;
+    let created = timestamp(
+        key.create_date()
+            .unwrap_or(&aws_smithy_types::DateTime::from_secs(
+                Timestamp::now().as_second(),
+            )),
+    );
+    Ok((
+        AccessKey {
+            id: key.access_key_id.clone(),
+            created,
+        },
+        Credentials {
+            access_key_id: key.access_key_id,
+            secret_access_key: key.secret_access_key,
+            session_token: None,
+            expiration: None,
+        },
+    ))
+}
+
+pub async fn delete_key(iam: &aws_sdk_iam::Client, user_name: &str, key_id: &str) -> Result<()> {
+    match iam
+        .delete_access_key()
+        .user_name(user_name)
+        .access_key_id(key_id)
+        .send()
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(err) => {
+            let failure = AwsFailure::from_sdk(err);
+            if failure.is_code("NoSuchEntity") {
+                Ok(())
+            } else {
+                Err(failure.into_error("iam:DeleteAccessKey"))
+            }
+        }
+    }
+}
+
+/// Deletes the user and everything on it. Not-found is success; a user that does not
+/// carry this grant's uid tag is left alone. Returns true when a user was deleted.
+pub async fn delete_user(iam: &aws_sdk_iam::Client, user_name: &str, uid: &str) -> Result<bool> {
+    let Some(user) = get_user(iam, user_name).await? else {
+        return Ok(false);
+    };
+    if !user
+        .tags()
+        .iter()
+        .any(|t| t.key() == TAG_UID && t.value() == uid)
+    {
+        tracing::warn!(
+            user = user_name,
+            "IAM user does not carry this grant's uid tag; left alone"
+        );
+        return Ok(false);
+    }
+    let gone = |failure: &AwsFailure| failure.is_code("NoSuchEntity");
+    for key in list_keys(iam, user_name).await? {
+        delete_key(iam, user_name, &key.id).await?;
+    }
+    let names = iam
+        .list_user_policies()
+        .user_name(user_name)
+        .send()
+        .await
+        .map_err(aws_error("iam:ListUserPolicies"))?
+        .policy_names;
+    for name in names {
+        if let Err(err) = iam
+            .delete_user_policy()
+            .user_name(user_name)
+            .policy_name(&name)
+            .send()
+            .await
+        {
+            let failure = AwsFailure::from_sdk(err);
+            if !gone(&failure) {
+                return Err(failure.into_error("iam:DeleteUserPolicy"));
+            }
+        }
+    }
+    let attached = iam
+        .list_attached_user_policies()
+        .user_name(user_name)
+        .send()
+        .await
+        .map_err(aws_error("iam:ListAttachedUserPolicies"))?;
+    for arn in attached
+        .attached_policies()
+        .iter()
+        .filter_map(|p| p.policy_arn())
+    {
+        if let Err(err) = iam
+            .detach_user_policy()
+            .user_name(user_name)
+            .policy_arn(arn)
+            .send()
+            .await
+        {
+            let failure = AwsFailure::from_sdk(err);
+            if !gone(&failure) {
+                return Err(failure.into_error("iam:DetachUserPolicy"));
+            }
+        }
+    }
+    match iam.delete_user().user_name(user_name).send().await {
+        Ok(_) => Ok(true),
+        Err(err) => {
+            let failure = AwsFailure::from_sdk(err);
+            if gone(&failure) {
+                Ok(false)
+            } else {
+                Err(failure.into_error("iam:DeleteUser"))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn key(id: &str, created_hours: i64) -> AccessKey {
+        AccessKey {
+            id: id.into(),
+            created: Timestamp::from_second(created_hours * 3600).unwrap(),
+        }
+    }
+
+    fn at(hours: i64) -> Timestamp {
+        Timestamp::from_second(hours * 3600).unwrap()
+    }
+
+    #[test]
+    fn first_reconcile_creates_one_key() {
+        let actions = decide_key_actions(&[], None, false, at(0), HOUR);
+        assert_eq!(
+            actions,
+            KeyActions {
+                delete: vec![],
+                create: true,
+                retire_previous_at: None
+            }
+        );
+    }
+
+    #[test]
+    fn steady_state_does_nothing() {
+        let actions = decide_key_actions(&[key("A", 0)], Some("A"), false, at(100), HOUR);
+        assert_eq!(actions, KeyActions::default());
+    }
+
+    #[test]
+    fn rotation_keeps_the_old_key_through_the_grace() {
+        let keys = [key("A", 0), key("B", 10)];
+        let during = decide_key_actions(&keys, Some("B"), false, at(10), HOUR);
+        assert_eq!(during.delete, Vec::<String>::new());
+        assert_eq!(during.retire_previous_at, Some(at(11)));
+        let after = decide_key_actions(&keys, Some("B"), false, at(11), HOUR);
+        assert_eq!(after.delete, ["A"]);
+        assert!(!after.create);
+    }
+
+    #[test]
+    fn rotation_with_one_key_creates_a_second() {
+        let actions = decide_key_actions(&[key("A", 0)], Some("A"), true, at(5), HOUR);
+        assert_eq!(
+            actions,
+            KeyActions {
+                delete: vec![],
+                create: true,
+                retire_previous_at: None
+            }
+        );
+    }
+
+    #[test]
+    fn rotation_during_a_grace_never_makes_a_third_key() {
+        let keys = [key("A", 0), key("B", 10)];
+        let actions = decide_key_actions(&keys, Some("B"), true, at(10), HOUR);
+        assert_eq!(actions.delete, ["A"]);
+        assert!(actions.create);
+        assert!(keys.len() - actions.delete.len() < MAX_KEYS_PER_USER);
+    }
+
+    #[test]
+    fn key_left_by_a_crash_before_the_secret_write_is_deleted_at_once() {
+        let keys = [key("A", 0), key("B", 10)];
+        let actions = decide_key_actions(&keys, Some("A"), false, at(10), HOUR);
+        assert_eq!(actions.delete, ["B"]);
+        assert!(!actions.create);
+    }
+
+    #[test]
+    fn lost_secret_gets_a_new_key_and_the_newest_old_one_stays_for_the_grace() {
+        let one = decide_key_actions(&[key("A", 0)], None, false, at(5), HOUR);
+        assert_eq!(
+            one,
+            KeyActions {
+                delete: vec![],
+                create: true,
+                retire_previous_at: None
+            }
+        );
+        let two = decide_key_actions(&[key("A", 0), key("B", 3)], None, false, at(5), HOUR);
+        assert_eq!(two.delete, ["A"]);
+        assert!(two.create);
+    }
+
+    #[test]
+    fn secret_naming_a_key_iam_no_longer_has_counts_as_lost() {
+        let actions = decide_key_actions(&[key("A", 0)], Some("GONE"), false, at(5), HOUR);
+        assert!(actions.create);
+        assert!(actions.delete.is_empty());
+    }
+
+    #[test]
+    fn at_most_two_keys_after_any_decision() {
+        let keysets: [&[AccessKey]; 4] = [
+            &[],
+            &[key("A", 0)],
+            &[key("A", 0), key("B", 1)],
+            &[key("A", 2), key("B", 1)],
+        ];
+        for keys in keysets {
+            for current in [None, Some("A"), Some("B"), Some("X")] {
+                for rotate in [false, true] {
+                    for now in [0, 1, 2, 5, 100] {
+                        let actions = decide_key_actions(keys, current, rotate, at(now), HOUR);
+                        let after = keys.len() - actions.delete.len() + usize::from(actions.create);
+                        assert!(
+                            after <= MAX_KEYS_PER_USER,
+                            "{keys:?} {current:?} {rotate} {now}: {actions:?}"
+                        );
+                        assert!(
+                            after >= 1,
+                            "a grant always ends with a key: {keys:?} {current:?} {actions:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn iam_policy_documents_are_url_decoded() {
+        assert_eq!(percent_decode("%7B%22a%22%3A1%7D"), "{\"a\":1}");
+        assert_eq!(percent_decode("{\"a\":1}"), "{\"a\":1}");
+    }
+}
