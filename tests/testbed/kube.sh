@@ -22,7 +22,8 @@ REPO_ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
 SRC_DIR=$REPO_ROOT/tests/apiserver
 STATE=${S3GRANT_TESTBED_DIR:-$REPO_ROOT/.testbed}/kube
 CACHE=${S3GRANT_TESTBED_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/s3grant-testbed}
-APT_DIR=$CACHE/apt
+WORK=$CACHE/kube-work          # private apt state, unpacked package roots, Go build cache
+APT_DIR=$WORK/apt
 BIN_NAME=s3grant-test-apiserver
 # Top-level packages; their golang-* Depends closure is fetched too.
 ROOT_PKGS=(golang-k8s-apiextensions-apiserver-dev golang-k8s-apiserver-dev golang-k8s-client-go-dev golang-go)
@@ -95,11 +96,11 @@ apt_resolve() {
 
 pkg_version() { awk -v p="$1" '$1==p{print $2}' "$APT_DIR/versions.txt"; }
 
-# Download and unpack the closure into $CACHE/root-<hash of versions>.
+# Download and unpack the closure into $WORK/root-<hash of versions>.
 fetch_root() {
-  local vhash=$1 root=$CACHE/root-$vhash
+  local vhash=$1 root=$WORK/root-$vhash
   if [ -f "$root/.complete" ]; then echo "$root"; return; fi
-  local debs=$CACHE/debs-$vhash
+  local debs=$WORK/debs-$vhash
   rm -rf "$root" "$debs"; mkdir -p "$root" "$debs"
   log "downloading $(wc -l < "$APT_DIR/versions.txt") Debian packages (Go toolchain, k8s libraries, etcd)"
   ( cd "$debs" && awk '{print $1"="$2}' "$APT_DIR/versions.txt" | xargs apt-get download -q >"$debs/download.log" 2>&1 ) \
@@ -110,7 +111,7 @@ fetch_root() {
   rm -rf "$debs"
   touch "$root/.complete"
   # Older roots belong to older package versions: drop them.
-  find "$CACHE" -maxdepth 1 -name 'root-*' ! -name "root-$vhash" -exec rm -rf {} +
+  find "$WORK" -maxdepth 1 -name 'root-*' ! -name "root-$vhash" -exec rm -rf {} +
   echo "$root"
 }
 
@@ -138,20 +139,21 @@ install() {
   local gitversion=v1.${kver#0.}
 
   log "building $BIN_NAME (k8s.io/apiserver $kver = Kubernetes $gitversion, $("$goroot/bin/go" version | awk '{print $3}'))"
-  local gp=$CACHE/build/gopath
+  local gp=$WORK/build/gopath
   rm -rf "$gp/src/s3grant.io/testapiserver"; mkdir -p "$gp/src/s3grant.io/testapiserver"
   cp "$SRC_DIR"/*.go "$gp/src/s3grant.io/testapiserver/"
   mkdir -p "$BIN_DIR.tmp"
-  local buildlog=$CACHE/build/build.log
+  local buildlog=$WORK/build/build.log
   if ! ( cd "$gp/src/s3grant.io/testapiserver" && \
          env GOROOT="$goroot" GOPATH="$gp:$root/usr/share/gocode" GO111MODULE=off GOTOOLCHAIN=local \
-             GOPROXY=off GOFLAGS= GOTELEMETRY=off CGO_ENABLED=0 GOCACHE="$CACHE/build/gocache" \
+             GOPROXY=off GOFLAGS= GOTELEMETRY=off CGO_ENABLED=0 GOCACHE="$WORK/build/gocache" \
              "$goroot/bin/go" build -trimpath -o "$BIN_DIR.tmp/$BIN_NAME" -ldflags "-s -w \
                -X k8s.io/component-base/version.gitVersion=$gitversion \
                -X k8s.io/component-base/version.gitMajor=1 \
                -X k8s.io/component-base/version.gitMinor=$minor \
                -X k8s.io/component-base/version.gitTreeState=clean" . ) >"$buildlog" 2>&1; then
     tail -40 "$buildlog" >&2
+    rm -rf "$BIN_DIR.tmp"
     echo "kube.sh: ERROR: building tests/apiserver failed against Debian sid packages:" >&2
     grep -E '^(golang-go|golang-1\.[0-9]+-go|golang-k8s-(apiserver|apiextensions-apiserver|client-go|apimachinery|api|kube-openapi|component-base)-dev|etcd-server) ' \
       "$APT_DIR/versions.txt" | sed 's/^/    /' >&2
@@ -170,7 +172,7 @@ install() {
   } > "$BIN_DIR.tmp/VERSIONS"
   rm -rf "$BIN_DIR"; mv "$BIN_DIR.tmp" "$BIN_DIR"
   # Keep only the newest few builds.
-  ls -dt "$CACHE"/kube-* 2>/dev/null | tail -n +4 | xargs -r rm -rf
+  ls -dt "$CACHE"/kube-[0-9a-f]* 2>/dev/null | tail -n +4 | xargs -r rm -rf
   log "built $BIN_DIR"
 }
 
@@ -328,7 +330,8 @@ down_quiet() {
 down() {
   [ -d "$STATE" ] || { log "nothing to stop"; return; }
   down_quiet
-  log "stopped; etcd data removed (certificates and logs kept in $STATE)"
+  rm -f "$STATE/kube.env" "$STATE/kubeconfig"
+  log "stopped; etcd data and kubeconfig removed (certificates and logs kept in $STATE)"
 }
 
 status() {
