@@ -52,6 +52,9 @@ pub struct Config {
     /// Address of the admin server (/livez, /readyz, /metrics).
     #[arg(long, env = "S3GRANT_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
     pub admin_addr: std::net::SocketAddr,
+    /// Only reconcile grants in this namespace (all namespaces when unset).
+    #[arg(long, env = "S3GRANT_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "S3GRANT_LOG_JSON")]
     pub log_json: bool,
@@ -650,9 +653,11 @@ pub async fn run(
     ready: Arc<crate::admin::Readiness>,
 ) -> anyhow::Result<()> {
     let aws_base = load_base_config().await;
-    let grants: Api<S3Grant> = Api::all(client.clone());
+    let (grants, secret_metadata): (Api<S3Grant>, Api<PartialObjectMeta<Secret>>) = match &config.watch_namespace {
+        Some(namespace) => (Api::namespaced(client.clone(), namespace), Api::namespaced(client.clone(), namespace)),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
     let classes: Api<S3GrantClass> = Api::all(client.clone());
-    let secret_metadata: Api<PartialObjectMeta<Secret>> = Api::all(client.clone());
 
     // The first list proves the CRDs are served.
     grants
