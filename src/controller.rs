@@ -653,10 +653,14 @@ pub async fn run(
     ready: Arc<crate::admin::Readiness>,
 ) -> anyhow::Result<()> {
     let aws_base = load_base_config().await;
-    let (grants, secret_metadata): (Api<S3Grant>, Api<PartialObjectMeta<Secret>>) = match &config.watch_namespace {
-        Some(namespace) => (Api::namespaced(client.clone(), namespace), Api::namespaced(client.clone(), namespace)),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
-    };
+    let (grants, secret_metadata): (Api<S3Grant>, Api<PartialObjectMeta<Secret>>) =
+        match &config.watch_namespace {
+            Some(namespace) => (
+                Api::namespaced(client.clone(), namespace),
+                Api::namespaced(client.clone(), namespace),
+            ),
+            None => (Api::all(client.clone()), Api::all(client.clone())),
+        };
     let classes: Api<S3GrantClass> = Api::all(client.clone());
 
     // The first list proves the CRDs are served.

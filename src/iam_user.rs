@@ -62,7 +62,8 @@ pub fn decide_key_actions(
                 .saturating_add(grace)
                 .unwrap_or(Timestamp::MAX);
             for key in sorted.iter().filter(|k| k.id != current_key.id) {
-                let orphan = key.created >= current_key.created;
+                // Same-second ties count as previous keys: kept through the grace, never cut short.
+                let orphan = key.created > current_key.created;
                 if orphan || now >= retire_at {
                     actions.delete.push(key.id.clone());
                 } else {
@@ -506,6 +507,14 @@ mod tests {
         let actions = decide_key_actions(&keys, Some("A"), false, at(10), HOUR);
         assert_eq!(actions.delete, ["B"]);
         assert!(!actions.create);
+    }
+
+    #[test]
+    fn key_created_in_the_same_second_as_the_current_one_is_kept_through_the_grace() {
+        let keys = [key("A", 10), key("B", 10)];
+        let actions = decide_key_actions(&keys, Some("B"), false, at(10), HOUR);
+        assert!(actions.delete.is_empty());
+        assert_eq!(actions.retire_previous_at, Some(at(11)));
     }
 
     #[test]

@@ -67,8 +67,16 @@ impl Setup {
     }
 
     async fn users(&self) -> Vec<String> {
-        let out = iam_admin(&self.bed.moto).list_users().path_prefix(&self.iam_path).send().await.unwrap();
-        out.users().iter().map(|u| u.user_name().to_string()).collect()
+        let out = iam_admin(&self.bed.moto)
+            .list_users()
+            .path_prefix(&self.iam_path)
+            .send()
+            .await
+            .unwrap();
+        out.users()
+            .iter()
+            .map(|u| u.user_name().to_string())
+            .collect()
     }
 
     async fn key_count(&self, user: &str) -> usize {
@@ -88,10 +96,17 @@ impl Setup {
 
 #[tokio::test]
 async fn iam_user_grant_works_inside_its_prefix_and_is_removed_on_delete() {
-    let Some(s) = setup("iam-basic").await else { return };
+    let Some(s) = setup("iam-basic").await else {
+        return;
+    };
     let _operator = Operator::start(&s.namespace, &[]);
     let started = std::time::Instant::now();
-    apply_grant(&s.bed.kube, &s.namespace, &s.grant_yaml("reports", "  prefix: tenant-a\n")).await;
+    apply_grant(
+        &s.bed.kube,
+        &s.namespace,
+        &s.grant_yaml("reports", "  prefix: tenant-a\n"),
+    )
+    .await;
     let grant = wait_ready(&s.bed.kube, &s.namespace, "reports", "True", READY_TIMEOUT).await;
     eprintln!("apply to Ready: {:?}", started.elapsed());
 
@@ -99,18 +114,43 @@ async fn iam_user_grant_works_inside_its_prefix_and_is_removed_on_delete() {
     let user = status.iam_user.clone().expect("status names the IAM user");
     assert_eq!(status.credential_kind.as_deref(), Some("IamUser"));
     assert_eq!(s.users().await, [user.clone()]);
-    let data = secret_data(&s.bed.kube, &s.namespace, "reports-s3").await.expect("Secret written");
-    assert_eq!(status.access_key_id.as_deref(), Some(data["AWS_ACCESS_KEY_ID"].as_str()));
+    let data = secret_data(&s.bed.kube, &s.namespace, "reports-s3")
+        .await
+        .expect("Secret written");
+    assert_eq!(
+        status.access_key_id.as_deref(),
+        Some(data["AWS_ACCESS_KEY_ID"].as_str())
+    );
     assert_eq!(data["S3_PREFIX"], "tenant-a/");
-    assert!(!serde_json::to_string(&status).unwrap().contains(&data["AWS_SECRET_ACCESS_KEY"]), "no secret in status");
+    assert!(
+        !serde_json::to_string(&status)
+            .unwrap()
+            .contains(&data["AWS_SECRET_ACCESS_KEY"]),
+        "no secret in status"
+    );
 
     let tenant = s3_from_secret(&s.bed.moto, &data);
     let bucket = &s.bed.moto.bucket;
-    assert!(can_put(&tenant, bucket, "tenant-a/report.csv").await, "put inside the prefix");
-    assert!(can_get(&tenant, bucket, "tenant-a/report.csv").await, "get inside the prefix");
-    assert!(!can_put(&tenant, bucket, "tenant-ab/report.csv").await, "sibling prefix is denied");
-    assert!(!can_put(&tenant, bucket, "other/report.csv").await, "other prefix is denied");
-    assert!(!can_put(&tenant, "another-bucket", "tenant-a/x").await, "other bucket is denied");
+    assert!(
+        can_put(&tenant, bucket, "tenant-a/report.csv").await,
+        "put inside the prefix"
+    );
+    assert!(
+        can_get(&tenant, bucket, "tenant-a/report.csv").await,
+        "get inside the prefix"
+    );
+    assert!(
+        !can_put(&tenant, bucket, "tenant-ab/report.csv").await,
+        "sibling prefix is denied"
+    );
+    assert!(
+        !can_put(&tenant, bucket, "other/report.csv").await,
+        "other prefix is denied"
+    );
+    assert!(
+        !can_put(&tenant, "another-bucket", "tenant-a/x").await,
+        "other bucket is denied"
+    );
 
     Api::<S3Grant>::namespaced(s.bed.kube.clone(), &s.namespace)
         .delete("reports", &DeleteParams::default())
@@ -122,25 +162,47 @@ async fn iam_user_grant_works_inside_its_prefix_and_is_removed_on_delete() {
         async move { api.get_opt("reports").await.ok()?.is_none().then_some(()) }
     })
     .await;
-    assert!(s.users().await.is_empty(), "IAM user removed with the grant");
-    assert!(secret_data(&s.bed.kube, &s.namespace, "reports-s3").await.is_none(), "Secret removed");
-    assert!(!can_put(&tenant, bucket, "tenant-a/after-delete").await, "deleted key no longer works");
+    assert!(
+        s.users().await.is_empty(),
+        "IAM user removed with the grant"
+    );
+    assert!(
+        secret_data(&s.bed.kube, &s.namespace, "reports-s3")
+            .await
+            .is_none(),
+        "Secret removed"
+    );
+    assert!(
+        !can_put(&tenant, bucket, "tenant-a/after-delete").await,
+        "deleted key no longer works"
+    );
     s.finish().await;
 }
 
 #[tokio::test]
 async fn on_demand_rotation_replaces_the_key_and_the_old_one_dies_after_the_grace() {
-    let Some(s) = setup("iam-rotate").await else { return };
+    let Some(s) = setup("iam-rotate").await else {
+        return;
+    };
     let _operator = Operator::start(&s.namespace, &["--key-grace-period", "6s"]);
-    apply_grant(&s.bed.kube, &s.namespace, &s.grant_yaml("app", "  prefix: app/\n")).await;
+    apply_grant(
+        &s.bed.kube,
+        &s.namespace,
+        &s.grant_yaml("app", "  prefix: app/\n"),
+    )
+    .await;
     let grant = wait_ready(&s.bed.kube, &s.namespace, "app", "True", READY_TIMEOUT).await;
     let user = grant.status.unwrap().iam_user.unwrap();
-    let old = secret_data(&s.bed.kube, &s.namespace, "app-s3").await.unwrap();
+    let old = secret_data(&s.bed.kube, &s.namespace, "app-s3")
+        .await
+        .unwrap();
     let bucket = s.bed.moto.bucket.clone();
 
     let api = Api::<S3Grant>::namespaced(s.bed.kube.clone(), &s.namespace);
     let annotate = serde_json::json!({"metadata": {"annotations": {"s3grant.io/rotate-requested-at": "2026-11-28T04:00:00Z"}}});
-    api.patch("app", &PatchParams::default(), &Patch::Merge(&annotate)).await.unwrap();
+    api.patch("app", &PatchParams::default(), &Patch::Merge(&annotate))
+        .await
+        .unwrap();
 
     let new = wait_for(READY_TIMEOUT, "a new key in the Secret", || {
         let client = s.bed.kube.clone();
@@ -154,40 +216,78 @@ async fn on_demand_rotation_replaces_the_key_and_the_old_one_dies_after_the_grac
     .await;
     let old_client = s3_from_secret(&s.bed.moto, &old);
     let new_client = s3_from_secret(&s.bed.moto, &new);
-    assert!(can_put(&new_client, &bucket, "app/new-key").await, "new key works");
-    assert!(can_put(&old_client, &bucket, "app/old-key-in-grace").await, "old key works during the grace");
+    assert!(
+        can_put(&new_client, &bucket, "app/new-key").await,
+        "new key works"
+    );
+    assert!(
+        can_put(&old_client, &bucket, "app/old-key-in-grace").await,
+        "old key works during the grace"
+    );
     assert_eq!(s.key_count(&user).await, 2);
 
     let deadline = std::time::Instant::now() + Duration::from_secs(40);
     while s.key_count(&user).await > 1 {
         assert!(s.key_count(&user).await <= 2, "never a third key");
-        assert!(std::time::Instant::now() < deadline, "old key not deleted after the grace");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "old key not deleted after the grace"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    assert!(!can_put(&old_client, &bucket, "app/old-key-after-grace").await, "old key dead after the grace");
-    assert!(can_put(&new_client, &bucket, "app/new-key-after-grace").await, "new key still works");
+    assert!(
+        !can_put(&old_client, &bucket, "app/old-key-after-grace").await,
+        "old key dead after the grace"
+    );
+    assert!(
+        can_put(&new_client, &bucket, "app/new-key-after-grace").await,
+        "new key still works"
+    );
     let status = api.get("app").await.unwrap().status.unwrap();
-    assert_eq!(status.handled_rotation_request.as_deref(), Some("2026-11-28T04:00:00Z"));
-    assert_eq!(status.access_key_id.as_deref(), Some(new["AWS_ACCESS_KEY_ID"].as_str()));
+    assert_eq!(
+        status.handled_rotation_request.as_deref(),
+        Some("2026-11-28T04:00:00Z")
+    );
+    assert_eq!(
+        status.access_key_id.as_deref(),
+        Some(new["AWS_ACCESS_KEY_ID"].as_str())
+    );
     s.finish().await;
 }
 
 #[tokio::test]
 async fn hand_deleted_secret_comes_back_and_a_foreign_secret_is_left_alone() {
-    let Some(s) = setup("iam-drift").await else { return };
+    let Some(s) = setup("iam-drift").await else {
+        return;
+    };
     let _operator = Operator::start(&s.namespace, &["--key-grace-period", "2s"]);
     let secrets = Api::<Secret>::namespaced(s.bed.kube.clone(), &s.namespace);
 
-    apply_grant(&s.bed.kube, &s.namespace, &s.grant_yaml("app", "  prefix: app/\n")).await;
+    apply_grant(
+        &s.bed.kube,
+        &s.namespace,
+        &s.grant_yaml("app", "  prefix: app/\n"),
+    )
+    .await;
     wait_ready(&s.bed.kube, &s.namespace, "app", "True", READY_TIMEOUT).await;
-    secrets.delete("app-s3", &DeleteParams::default()).await.unwrap();
+    secrets
+        .delete("app-s3", &DeleteParams::default())
+        .await
+        .unwrap();
     let restored = wait_for(READY_TIMEOUT, "the Secret to come back", || {
         let client = s.bed.kube.clone();
         let namespace = s.namespace.clone();
         async move { secret_data(&client, &namespace, "app-s3").await }
     })
     .await;
-    assert!(can_put(&s3_from_secret(&s.bed.moto, &restored), &s.bed.moto.bucket, "app/restored").await);
+    assert!(
+        can_put(
+            &s3_from_secret(&s.bed.moto, &restored),
+            &s.bed.moto.bucket,
+            "app/restored"
+        )
+        .await
+    );
 
     let foreign = Secret {
         metadata: ObjectMeta {
@@ -197,20 +297,46 @@ async fn hand_deleted_secret_comes_back_and_a_foreign_secret_is_left_alone() {
         string_data: Some([("owner".to_string(), "someone else".to_string())].into()),
         ..Default::default()
     };
-    secrets.create(&PostParams::default(), &foreign).await.unwrap();
-    apply_grant(&s.bed.kube, &s.namespace, &s.grant_yaml("intruder", "  prefix: other/\n  secretName: taken\n")).await;
-    let grant = wait_ready(&s.bed.kube, &s.namespace, "intruder", "False", READY_TIMEOUT).await;
+    secrets
+        .create(&PostParams::default(), &foreign)
+        .await
+        .unwrap();
+    apply_grant(
+        &s.bed.kube,
+        &s.namespace,
+        &s.grant_yaml("intruder", "  prefix: other/\n  secretName: taken\n"),
+    )
+    .await;
+    let grant = wait_ready(
+        &s.bed.kube,
+        &s.namespace,
+        "intruder",
+        "False",
+        READY_TIMEOUT,
+    )
+    .await;
     let (_, reason, message) = ready_condition(&grant).unwrap();
     assert_eq!(reason, "SecretConflict", "{message}");
-    let untouched = secret_data(&s.bed.kube, &s.namespace, "taken").await.unwrap();
-    assert_eq!(untouched, [("owner".to_string(), "someone else".to_string())].into());
-    assert_eq!(s.users().await.len(), 1, "no IAM user for the conflicting grant");
+    let untouched = secret_data(&s.bed.kube, &s.namespace, "taken")
+        .await
+        .unwrap();
+    assert_eq!(
+        untouched,
+        [("owner".to_string(), "someone else".to_string())].into()
+    );
+    assert_eq!(
+        s.users().await.len(),
+        1,
+        "no IAM user for the conflicting grant"
+    );
     s.finish().await;
 }
 
 #[tokio::test]
 async fn invalid_grant_reports_why_and_creates_nothing_in_aws() {
-    let Some(s) = setup("iam-invalid").await else { return };
+    let Some(s) = setup("iam-invalid").await else {
+        return;
+    };
     let operator = Operator::start(&s.namespace, &[]);
     // Passes the CRD schema (digits and dots) but not S3's rules: formatted as an IP address.
     let yaml = "apiVersion: s3grant.io/v1alpha1\nkind: S3Grant\nmetadata: {name: bad}\nspec:\n  bucket: 192.168.10.1\n  prefix: a/\n".to_string()
@@ -219,46 +345,93 @@ async fn invalid_grant_reports_why_and_creates_nothing_in_aws() {
     let grant = wait_ready(&s.bed.kube, &s.namespace, "bad", "False", READY_TIMEOUT).await;
     let (_, reason, message) = ready_condition(&grant).unwrap();
     assert_eq!(reason, "InvalidSpec");
-    assert!(message.contains("must not be formatted as an IP address"), "{message}");
+    assert!(
+        message.contains("must not be formatted as an IP address"),
+        "{message}"
+    );
     assert!(s.users().await.is_empty());
     let metrics = operator.metrics().await;
-    assert!(metrics.contains("s3grant_reconciles_total"), "the operator's /metrics answers: {metrics}");
-    assert_eq!(operator.aws_calls().await, 0, "no AWS call for an invalid grant");
+    assert!(
+        metrics.contains("s3grant_reconciles_total"),
+        "the operator's /metrics answers: {metrics}"
+    );
+    assert_eq!(
+        operator.aws_calls().await,
+        0,
+        "no AWS call for an invalid grant"
+    );
     s.finish().await;
 }
 
 #[tokio::test]
 async fn operator_killed_mid_reconcile_converges_without_orphans() {
-    let Some(s) = setup("iam-crash").await else { return };
+    let Some(s) = setup("iam-crash").await else {
+        return;
+    };
     const GRANTS: usize = 12;
-    let mut operator = Operator::start(&s.namespace, &["--key-grace-period", "3s", "--concurrency", "4"]);
+    let mut operator = Operator::start(
+        &s.namespace,
+        &["--key-grace-period", "3s", "--concurrency", "4"],
+    );
     for i in 0..GRANTS {
-        apply_grant(&s.bed.kube, &s.namespace, &s.grant_yaml(&format!("g{i}"), &format!("  prefix: g{i}/\n"))).await;
+        apply_grant(
+            &s.bed.kube,
+            &s.namespace,
+            &s.grant_yaml(&format!("g{i}"), &format!("  prefix: g{i}/\n")),
+        )
+        .await;
     }
     // Kill it while it is part-way through: some grants done, others not.
-    wait_for(Duration::from_secs(60), "a first grant to be issued", || {
-        let s = &s;
-        async move { (!s.users().await.is_empty()).then_some(()) }
-    })
+    wait_for(
+        Duration::from_secs(60),
+        "a first grant to be issued",
+        || {
+            let s = &s;
+            async move { (!s.users().await.is_empty()).then_some(()) }
+        },
+    )
     .await;
     operator.kill();
     let users_at_kill = s.users().await.len();
     eprintln!("killed with {users_at_kill} of {GRANTS} users created");
 
-    let _operator = Operator::start(&s.namespace, &["--key-grace-period", "3s", "--concurrency", "4"]);
+    let _operator = Operator::start(
+        &s.namespace,
+        &["--key-grace-period", "3s", "--concurrency", "4"],
+    );
     for i in 0..GRANTS {
-        wait_ready(&s.bed.kube, &s.namespace, &format!("g{i}"), "True", Duration::from_secs(90)).await;
+        wait_ready(
+            &s.bed.kube,
+            &s.namespace,
+            &format!("g{i}"),
+            "True",
+            Duration::from_secs(90),
+        )
+        .await;
     }
     let users = s.users().await;
-    assert_eq!(users.len(), GRANTS, "one IAM user per grant, no orphans: {users:?}");
+    assert_eq!(
+        users.len(),
+        GRANTS,
+        "one IAM user per grant, no orphans: {users:?}"
+    );
     let api = Api::<S3Grant>::namespaced(s.bed.kube.clone(), &s.namespace);
     for i in 0..GRANTS {
         let name = format!("g{i}");
         let status = api.get(&name).await.unwrap().status.unwrap();
         let user = status.iam_user.unwrap();
         assert!(users.contains(&user));
-        let data = secret_data(&s.bed.kube, &s.namespace, &format!("{name}-s3")).await.unwrap();
-        assert!(can_put(&s3_from_secret(&s.bed.moto, &data), &s.bed.moto.bucket, &format!("{name}/ok")).await);
+        let data = secret_data(&s.bed.kube, &s.namespace, &format!("{name}-s3"))
+            .await
+            .unwrap();
+        assert!(
+            can_put(
+                &s3_from_secret(&s.bed.moto, &data),
+                &s.bed.moto.bucket,
+                &format!("{name}/ok")
+            )
+            .await
+        );
         // Keys left by the crash go at once or after the 3 s grace; then exactly one remains.
         wait_for(Duration::from_secs(30), "one key per user", || {
             let s = &s;

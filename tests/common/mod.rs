@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod rgw;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -41,7 +43,9 @@ pub struct Testbed {
 }
 
 fn required(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| panic!("S3GRANT_TESTBED is set but {name} is not: source the testbed's env file"))
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("S3GRANT_TESTBED is set but {name} is not: source the testbed's env file")
+    })
 }
 
 fn target(server: &str) -> AwsTarget {
@@ -52,7 +56,8 @@ fn target(server: &str) -> AwsTarget {
         secret_access_key: var("SECRET_ACCESS_KEY"),
         role_arn: var("ROLE_ARN"),
         bucket: var("BUCKET"),
-        region: std::env::var(format!("S3GRANT_TEST_{server}_REGION")).unwrap_or_else(|_| "us-east-1".into()),
+        region: std::env::var(format!("S3GRANT_TEST_{server}_REGION"))
+            .unwrap_or_else(|_| "us-east-1".into()),
     }
 }
 
@@ -61,15 +66,21 @@ static CRDS_INSTALLED: OnceCell<()> = OnceCell::const_new();
 /// The testbed, or `None` (with a message) when the environment does not name one.
 pub async fn testbed() -> Option<Testbed> {
     if std::env::var("S3GRANT_TESTBED").is_err() {
-        eprintln!("skipped: no testbed in the environment; run `tests/testbed.sh test` (README.md)");
+        eprintln!(
+            "skipped: no testbed in the environment; run `tests/testbed.sh test` (README.md)"
+        );
         return None;
     }
-    let config = Config::infer().await.expect("KUBECONFIG from the testbed must load");
+    let config = Config::infer()
+        .await
+        .expect("KUBECONFIG from the testbed must load");
     let kube = Client::try_from(config).expect("kube client");
     kube.apiserver_version()
         .await
         .expect("the testbed's Kubernetes API server must answer");
-    CRDS_INSTALLED.get_or_init(|| install_crds(kube.clone())).await;
+    CRDS_INSTALLED
+        .get_or_init(|| install_crds(kube.clone()))
+        .await;
     Some(Testbed {
         kube,
         moto: target("MOTO"),
@@ -82,21 +93,34 @@ pub async fn testbed() -> Option<Testbed> {
 async fn install_crds(client: Client) {
     let api: Api<CustomResourceDefinition> = Api::all(client);
     for file in ["s3grants.s3grant.io.yaml", "s3grantclasses.s3grant.io.yaml"] {
-        let text = std::fs::read_to_string(format!("{}/crds/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let text =
+            std::fs::read_to_string(format!("{}/crds/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
         let crd: CustomResourceDefinition = serde_yaml::from_str(&text).unwrap();
         let name = crd.metadata.name.clone().unwrap();
-        api.patch(&name, &PatchParams::apply("s3grant-tests").force(), &Patch::Apply(&crd))
-            .await
-            .unwrap_or_else(|e| panic!("apply CRD {name}: {e}"));
-        wait_for(Duration::from_secs(30), &format!("CRD {name} established"), || {
-            let api = api.clone();
-            let name = name.clone();
-            async move {
-                let crd = api.get(&name).await.ok()?;
-                let established = crd.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True");
-                established.then_some(())
-            }
-        })
+        api.patch(
+            &name,
+            &PatchParams::apply("s3grant-tests").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("apply CRD {name}: {e}"));
+        wait_for(
+            Duration::from_secs(30),
+            &format!("CRD {name} established"),
+            || {
+                let api = api.clone();
+                let name = name.clone();
+                async move {
+                    let crd = api.get(&name).await.ok()?;
+                    let established = crd
+                        .status?
+                        .conditions?
+                        .iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True");
+                    established.then_some(())
+                }
+            },
+        )
         .await;
     }
 }
@@ -117,7 +141,10 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -129,17 +156,28 @@ pub async fn namespace(client: &Client, prefix: &str, labels: &[(&str, &str)]) -
     let ns = Namespace {
         metadata: ObjectMeta {
             name: Some(name.clone()),
-            labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            labels: Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
             ..Default::default()
         },
         ..Default::default()
     };
-    api.create(&PostParams::default(), &ns).await.expect("create namespace");
+    api.create(&PostParams::default(), &ns)
+        .await
+        .expect("create namespace");
     name
 }
 
 /// A Secret holding the admin keys of a testbed server, for a class's credentialsSecretRef.
-pub async fn backend_credentials_secret(client: &Client, namespace: &str, target: &AwsTarget) -> String {
+pub async fn backend_credentials_secret(
+    client: &Client,
+    namespace: &str,
+    target: &AwsTarget,
+) -> String {
     let name = "backend-admin".to_string();
     let secret = Secret {
         metadata: ObjectMeta {
@@ -147,8 +185,14 @@ pub async fn backend_credentials_secret(client: &Client, namespace: &str, target
             ..Default::default()
         },
         data: Some(BTreeMap::from([
-            ("AWS_ACCESS_KEY_ID".to_string(), ByteString(target.access_key_id.clone().into_bytes())),
-            ("AWS_SECRET_ACCESS_KEY".to_string(), ByteString(target.secret_access_key.clone().into_bytes())),
+            (
+                "AWS_ACCESS_KEY_ID".to_string(),
+                ByteString(target.access_key_id.clone().into_bytes()),
+            ),
+            (
+                "AWS_SECRET_ACCESS_KEY".to_string(),
+                ByteString(target.secret_access_key.clone().into_bytes()),
+            ),
         ])),
         ..Default::default()
     };
@@ -163,9 +207,13 @@ pub async fn backend_credentials_secret(client: &Client, namespace: &str, target
 pub async fn apply_class(client: &Client, yaml: &str) -> S3GrantClass {
     let class: S3GrantClass = serde_yaml::from_str(yaml).expect("class YAML");
     let api: Api<S3GrantClass> = Api::all(client.clone());
-    api.patch(&class.metadata.name.clone().unwrap(), &PatchParams::apply("s3grant-tests").force(), &Patch::Apply(&class))
-        .await
-        .expect("apply class")
+    api.patch(
+        &class.metadata.name.clone().unwrap(),
+        &PatchParams::apply("s3grant-tests").force(),
+        &Patch::Apply(&class),
+    )
+    .await
+    .expect("apply class")
 }
 
 pub async fn delete_class(client: &Client, name: &str) {
@@ -178,34 +226,60 @@ pub async fn apply_grant(client: &Client, namespace: &str, yaml: &str) -> S3Gran
     let mut grant: S3Grant = serde_yaml::from_str(yaml).expect("grant YAML");
     grant.metadata.namespace = Some(namespace.into());
     let api: Api<S3Grant> = Api::namespaced(client.clone(), namespace);
-    api.patch(&grant.metadata.name.clone().unwrap(), &PatchParams::apply("s3grant-tests").force(), &Patch::Apply(&grant))
-        .await
-        .expect("apply grant")
+    api.patch(
+        &grant.metadata.name.clone().unwrap(),
+        &PatchParams::apply("s3grant-tests").force(),
+        &Patch::Apply(&grant),
+    )
+    .await
+    .expect("apply grant")
 }
 
 pub fn ready_condition(grant: &S3Grant) -> Option<(String, String, String)> {
     let status = grant.status.as_ref()?;
     let ready = status.conditions.iter().find(|c| c.type_ == "Ready")?;
-    Some((ready.status.clone(), ready.reason.clone(), ready.message.clone()))
+    Some((
+        ready.status.clone(),
+        ready.reason.clone(),
+        ready.message.clone(),
+    ))
 }
 
 /// Waits until the grant's Ready condition has `status` (and is for its current generation).
-pub async fn wait_ready(client: &Client, namespace: &str, name: &str, status: &str, timeout: Duration) -> S3Grant {
+pub async fn wait_ready(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    status: &str,
+    timeout: Duration,
+) -> S3Grant {
     let api: Api<S3Grant> = Api::namespaced(client.clone(), namespace);
-    wait_for(timeout, &format!("grant {namespace}/{name} Ready={status}"), || {
-        let api = api.clone();
-        async move {
-            let grant = api.get(name).await.ok()?;
-            let (s, _, _) = ready_condition(&grant)?;
-            let current = grant.status.as_ref()?.observed_generation == grant.metadata.generation;
-            (s == status && current).then_some(grant)
-        }
-    })
+    wait_for(
+        timeout,
+        &format!("grant {namespace}/{name} Ready={status}"),
+        || {
+            let api = api.clone();
+            async move {
+                let grant = api.get(name).await.ok()?;
+                let (s, _, _) = ready_condition(&grant)?;
+                let current =
+                    grant.status.as_ref()?.observed_generation == grant.metadata.generation;
+                (s == status && current).then_some(grant)
+            }
+        },
+    )
     .await
 }
 
-pub async fn secret_data(client: &Client, namespace: &str, name: &str) -> Option<BTreeMap<String, String>> {
-    let secret = Api::<Secret>::namespaced(client.clone(), namespace).get_opt(name).await.ok()??;
+pub async fn secret_data(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Option<BTreeMap<String, String>> {
+    let secret = Api::<Secret>::namespaced(client.clone(), namespace)
+        .get_opt(name)
+        .await
+        .ok()??;
     Some(
         secret
             .data
@@ -217,8 +291,19 @@ pub async fn secret_data(client: &Client, namespace: &str, name: &str) -> Option
 }
 
 /// An S3 client for a testbed server with the given keys.
-pub fn s3(target: &AwsTarget, access_key_id: &str, secret_access_key: &str, session_token: Option<&str>) -> aws_sdk_s3::Client {
-    let credentials = S3Credentials::new(access_key_id, secret_access_key, session_token.map(str::to_string), None, "test");
+pub fn s3(
+    target: &AwsTarget,
+    access_key_id: &str,
+    secret_access_key: &str,
+    session_token: Option<&str>,
+) -> aws_sdk_s3::Client {
+    let credentials = S3Credentials::new(
+        access_key_id,
+        secret_access_key,
+        session_token.map(str::to_string),
+        None,
+        "test",
+    );
     let config = aws_sdk_s3::Config::builder()
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new(target.region.clone()))
@@ -241,7 +326,13 @@ pub fn s3_from_secret(target: &AwsTarget, data: &BTreeMap<String, String>) -> aw
 
 /// The admin's IAM client for a testbed server.
 pub fn iam_admin(target: &AwsTarget) -> aws_sdk_iam::Client {
-    let credentials = aws_credential_types::Credentials::new(&target.access_key_id, &target.secret_access_key, None, None, "test");
+    let credentials = aws_credential_types::Credentials::new(
+        &target.access_key_id,
+        &target.secret_access_key,
+        None,
+        None,
+        "test",
+    );
     let config = aws_sdk_iam::Config::builder()
         .behavior_version(aws_sdk_iam::config::BehaviorVersion::latest())
         .region(aws_sdk_iam::config::Region::new(target.region.clone()))
@@ -254,7 +345,14 @@ pub fn iam_admin(target: &AwsTarget) -> aws_sdk_iam::Client {
 /// Whether a put of `key` succeeds; an AccessDenied (or other 403) is `false`, anything
 /// else unexpected fails the test.
 pub async fn can_put(s3: &aws_sdk_s3::Client, bucket: &str, key: &str) -> bool {
-    match s3.put_object().bucket(bucket).key(key).body(b"s3grant".to_vec().into()).send().await {
+    match s3
+        .put_object()
+        .bucket(bucket)
+        .key(key)
+        .body(b"s3grant".to_vec().into())
+        .send()
+        .await
+    {
         Ok(_) => true,
         Err(err) => denied(err, "PutObject", key),
     }
@@ -278,7 +376,11 @@ pub async fn can_list(s3: &aws_sdk_s3::Client, bucket: &str, prefix: Option<&str
     }
 }
 
-fn denied<E: std::fmt::Debug>(err: aws_sdk_s3::error::SdkError<E, aws_smithy_runtime_api::http::Response>, op: &str, key: &str) -> bool {
+fn denied<E: std::fmt::Debug>(
+    err: aws_sdk_s3::error::SdkError<E, aws_smithy_runtime_api::http::Response>,
+    op: &str,
+    key: &str,
+) -> bool {
     let status = err.raw_response().map(|r| r.status().as_u16());
     match status {
         Some(403) => false,
@@ -329,7 +431,10 @@ impl Operator {
     /// SIGTERM, then waits for a clean exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("operator running");
-        Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
         child.wait().unwrap()
     }
 
@@ -338,7 +443,9 @@ impl Operator {
     }
 
     pub async fn metrics(&self) -> String {
-        http_get(&format!("{}/metrics", self.admin)).await.unwrap_or_default()
+        http_get(&format!("{}/metrics", self.admin))
+            .await
+            .unwrap_or_default()
     }
 
     /// Total AWS calls this operator made, from its /metrics.
@@ -359,14 +466,21 @@ impl Drop for Operator {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A minimal HTTP GET on loopback (the admin server), without another HTTP client crate.
 pub async fn http_get(url: &str) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://")?;
-    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let (host, path) = rest
+        .split_once('/')
+        .map(|(h, p)| (h, format!("/{p}")))
+        .unwrap_or((rest, "/".into()));
     let mut stream = tokio::net::TcpStream::connect(host).await.ok()?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.ok()?;
