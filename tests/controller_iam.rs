@@ -113,7 +113,7 @@ async fn iam_user_grant_works_inside_its_prefix_and_is_removed_on_delete() {
     let status = grant.status.clone().unwrap();
     let user = status.iam_user.clone().expect("status names the IAM user");
     assert_eq!(status.credential_kind.as_deref(), Some("IamUser"));
-    assert_eq!(s.users().await, [user.clone()]);
+    assert_eq!(s.users().await, vec![user.clone()]);
     let data = secret_data(&s.bed.kube, &s.namespace, "reports-s3")
         .await
         .expect("Secret written");
