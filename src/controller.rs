@@ -49,6 +49,9 @@ pub struct Config {
     /// How often an unchanged IAM-user grant is checked for drift in AWS.
     #[arg(long, env = "S3GRANT_RESYNC_PERIOD", default_value = "1h", value_parser = duration_arg)]
     pub resync_period: Duration,
+    /// The fraction of an STS session's lifetime after which it is re-minted (0.05 to 0.9).
+    #[arg(long, env = "S3GRANT_STS_REFRESH_FRACTION", default_value_t = crate::sts_session::DEFAULT_REFRESH_FRACTION, value_parser = fraction_arg)]
+    pub sts_refresh_fraction: f64,
     /// Address of the admin server (/livez, /readyz, /metrics).
     #[arg(long, env = "S3GRANT_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
     pub admin_addr: std::net::SocketAddr,
@@ -74,6 +77,17 @@ pub struct Config {
     /// This replica's identity in the Lease (the pod name in a Deployment).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+}
+
+fn fraction_arg(text: &str) -> std::result::Result<f64, String> {
+    let value: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number"))?;
+    if (0.05..=0.9).contains(&value) {
+        Ok(value)
+    } else {
+        Err("must be between 0.05 and 0.9".into())
+    }
 }
 
 fn duration_arg(text: &str) -> std::result::Result<Duration, String> {
@@ -307,7 +321,7 @@ async fn issue(grant: &S3Grant, ctx: &Context, now: Timestamp) -> Result<(GrantP
             let due = current
                 .as_ref()
                 .and_then(|c| c.expiration)
-                .map(|exp| refresh_at(exp, duration, seed));
+                .map(|exp| refresh_at(exp, duration, ctx.config.sts_refresh_fraction, seed));
             let (credentials, changed) = match (current, due) {
                 (Some(current), Some(due)) if now < due => (current, None),
                 (previous, _) => {
@@ -326,7 +340,7 @@ async fn issue(grant: &S3Grant, ctx: &Context, now: Timestamp) -> Result<(GrantP
             };
             let next_due = credentials
                 .expiration
-                .map(|exp| refresh_at(exp, duration, seed))
+                .map(|exp| refresh_at(exp, duration, ctx.config.sts_refresh_fraction, seed))
                 .unwrap_or(now);
             write_secret(
                 grant,
@@ -585,7 +599,10 @@ async fn revoke_grant(grant: &S3Grant, ctx: &Context) -> Result<bool> {
         .as_ref()
         .and_then(|s| s.class_name.clone())
         .or_else(|| grant.spec.class_name.clone());
+    // STS grants never had a user (and S3-compatible stores may have no IAM user API).
+    let may_have_user = had_user || grant.spec.duration.is_none();
     match select_class(used.as_deref(), &classes) {
+        Ok(_) if !may_have_user => {}
         Ok(class) => {
             let aws = ctx.aws_for(class).await?;
             revoked |= delete_user(

@@ -25,17 +25,27 @@ pub fn effective_duration(requested: Duration, role_chaining: bool) -> (Duration
     }
 }
 
+/// The default point of a session's lifetime at which it is re-minted.
+pub const DEFAULT_REFRESH_FRACTION: f64 = 2.0 / 3.0;
+
 /// When to re-mint credentials that expire at `expires_at` and were issued for `lifetime`:
-/// once two thirds of the lifetime have passed, less a per-grant jitter of up to a tenth
-/// of the lifetime (from `jitter_seed`, so the decision is stable across reconciles and
-/// many grants do not all call STS in the same second).
-pub fn refresh_at(expires_at: Timestamp, lifetime: Duration, jitter_seed: u64) -> Timestamp {
-    let lifetime = SignedDuration::try_from(lifetime).unwrap_or(SignedDuration::MAX);
-    let remaining_at_refresh = lifetime / 3;
-    let jitter_span = (lifetime / 10).as_secs().max(1) as u64;
-    let jitter = SignedDuration::from_secs((jitter_seed % jitter_span) as i64);
+/// once `fraction` of the lifetime has passed, less a per-grant jitter of up to a tenth
+/// of that wait (from `jitter_seed`, so the decision is stable across reconciles and many
+/// grants issued together do not all call STS in the same second).
+pub fn refresh_at(
+    expires_at: Timestamp,
+    lifetime: Duration,
+    fraction: f64,
+    jitter_seed: u64,
+) -> Timestamp {
+    let fraction = fraction.clamp(0.01, 0.95);
+    let lifetime_secs = lifetime.as_secs_f64();
+    let wait = lifetime_secs * fraction;
+    let jitter_span = ((wait / 10.0) as u64).max(1);
+    let jitter = (jitter_seed % jitter_span) as f64;
+    let before_expiry = lifetime_secs - wait + jitter;
     expires_at
-        .checked_sub(remaining_at_refresh + jitter)
+        .checked_sub(SignedDuration::from_secs_f64(before_expiry))
         .unwrap_or(Timestamp::UNIX_EPOCH)
 }
 
@@ -78,11 +88,11 @@ mod tests {
     fn refresh_comes_at_about_two_thirds_of_the_lifetime() {
         let expires = Timestamp::from_second(3600).unwrap();
         let hour = Duration::from_secs(3600);
-        let earliest = refresh_at(expires, hour, 0);
-        assert_eq!(earliest.as_second(), 2400, "no jitter: exactly two thirds");
-        for seed in [1, 77, 359, 12345, u64::MAX] {
-            let at = refresh_at(expires, hour, seed).as_second();
-            assert!((2040..=2400).contains(&at), "seed {seed}: {at}");
+        let latest = refresh_at(expires, hour, DEFAULT_REFRESH_FRACTION, 0);
+        assert_eq!(latest.as_second(), 2400, "no jitter: exactly two thirds");
+        for seed in [1, 77, 239, 12345, u64::MAX] {
+            let at = refresh_at(expires, hour, DEFAULT_REFRESH_FRACTION, seed).as_second();
+            assert!((2160..=2400).contains(&at), "seed {seed}: {at}");
         }
     }
 
