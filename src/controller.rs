@@ -211,26 +211,27 @@ async fn apply(grant: &S3Grant, ctx: &Context) -> Result<Action> {
             ))
         }
         Err(error) if error.is_user_error() => {
+            // A grant its class no longer permits (or whose class is gone) loses what it holds.
             let revoke = matches!(error, Error::NotPermitted { .. } | Error::ClassNotFound(_));
+            let mut message = error.to_string();
+            let mut revoked = false;
             if revoke {
-                revoke_grant(grant, ctx).await?;
+                match revoke_grant(grant, ctx).await {
+                    Ok(()) => revoked = true,
+                    Err(blocked) => message.push_str(&format!("; {blocked}")),
+                }
             }
             let status = failed_status(
                 previous,
                 error.category(),
-                error.to_string(),
+                message.clone(),
                 grant.metadata.generation,
-                revoke,
+                revoked,
                 now,
             );
             if Some(&status) != previous {
-                ctx.publish(
-                    grant,
-                    EventType::Warning,
-                    error.category(),
-                    error.to_string(),
-                )
-                .await;
+                ctx.publish(grant, EventType::Warning, error.category(), message)
+                    .await;
             }
             write_status(grant, ctx, &status).await?;
             tracing::info!(grant = %grant.name_any(), category = error.category(), error = %error, "grant not ready");
@@ -282,6 +283,7 @@ async fn issue(grant: &S3Grant, ctx: &Context, now: Timestamp) -> Result<(GrantP
             rotate_every,
             ..
         } => {
+            mark_user_pending(grant, ctx, &plan, user_name).await?;
             let current =
                 current.filter(|_| issued_for.as_deref() == Some(digest(user_name).as_str()));
             issue_iam_user(
@@ -472,6 +474,34 @@ async fn issue_iam_user(
     })
 }
 
+/// Records the IAM user in the status before it is created, so that whatever happens next
+/// (a crash, a class that stops permitting the grant) s3grant knows there may be a user to remove.
+async fn mark_user_pending(
+    grant: &S3Grant,
+    ctx: &Context,
+    plan: &GrantPlan,
+    user_name: &str,
+) -> Result<()> {
+    let previous = grant.status.as_ref();
+    if previous.and_then(|s| s.iam_user.as_deref()) == Some(user_name) {
+        return Ok(());
+    }
+    let mut status = previous.cloned().unwrap_or_default();
+    status.iam_user = Some(user_name.to_string());
+    status.class_name = Some(plan.class_name.clone());
+    if status.conditions.is_empty() {
+        status.conditions = vec![ready_condition(
+            false,
+            "Issuing",
+            format!("creating IAM user {user_name}"),
+            grant.metadata.generation,
+            previous,
+            Timestamp::now(),
+        )];
+    }
+    write_status(grant, ctx, &status).await
+}
+
 fn rotation_request(grant: &S3Grant) -> Option<String> {
     grant
         .annotations()
@@ -584,42 +614,15 @@ async fn write_status(grant: &S3Grant, ctx: &Context, status: &S3GrantStatus) ->
     Ok(())
 }
 
-/// Removes what a grant holds: its IAM user and keys, and its Secret. Used on delete and
+/// Removes what a grant holds: its Secret, then its IAM user and keys. Used on delete and
 /// when a grant is no longer permitted. STS sessions already issued cannot be revoked one
-/// by one; deleting the Secret stops them being handed out.
-async fn revoke_grant(grant: &S3Grant, ctx: &Context) -> Result<bool> {
+/// by one; deleting the Secret stops them being handed out. Fails with `RevokeBlocked`
+/// when an IAM user may exist but its class (and so its backend) is gone.
+async fn revoke_grant(grant: &S3Grant, ctx: &Context) -> Result<()> {
     let namespace = grant.namespace().unwrap_or_default();
     let uid = grant.uid().unwrap_or_default();
-    let mut revoked = false;
-    let had_user = grant.status.as_ref().is_some_and(|s| s.iam_user.is_some());
-    let classes = ctx.classes.state();
-    let classes: Vec<S3GrantClass> = classes.iter().map(|c| (**c).clone()).collect();
-    let used = grant
-        .status
-        .as_ref()
-        .and_then(|s| s.class_name.clone())
-        .or_else(|| grant.spec.class_name.clone());
-    // STS grants never had a user (and S3-compatible stores may have no IAM user API).
-    let may_have_user = had_user || grant.spec.duration.is_none();
-    match select_class(used.as_deref(), &classes) {
-        Ok(_) if !may_have_user => {}
-        Ok(class) => {
-            let aws = ctx.aws_for(class).await?;
-            revoked |= delete_user(
-                &aws.iam,
-                &iam_user_name(&namespace, &grant.name_any(), &uid),
-                &uid,
-            )
-            .await?;
-        }
-        Err(err) if had_user => {
-            return Err(Error::ClassNotFound(format!(
-                "cannot delete IAM user {} because its class is gone ({err}); recreate the class so s3grant can clean up",
-                grant.status.as_ref().and_then(|s| s.iam_user.clone()).unwrap_or_default()
-            )));
-        }
-        Err(_) => {}
-    }
+    let mut removed = Vec::new();
+
     let secrets = ctx.secrets(&namespace);
     let secret_name = grant
         .status
@@ -632,7 +635,7 @@ async fn revoke_grant(grant: &S3Grant, ctx: &Context) -> Result<bool> {
         .map_err(Error::kube("read the grant's Secret"))?;
     if let ExistingSecret::Ours { .. } = inspect_secret(existing.as_ref(), &uid) {
         match secrets.delete(&secret_name, &DeleteParams::default()).await {
-            Ok(_) => revoked = true,
+            Ok(_) => removed.push(format!("Secret {secret_name}")),
             Err(kube::Error::Api(status)) if status.code == 404 => {}
             Err(err) => {
                 return Err(Error::Kube {
@@ -642,16 +645,43 @@ async fn revoke_grant(grant: &S3Grant, ctx: &Context) -> Result<bool> {
             }
         }
     }
-    if revoked {
+
+    // The status names the user before it is created (see `mark_user_pending`), so a grant
+    // without one never had a user and costs no AWS call here.
+    let user = iam_user_name(&namespace, &grant.name_any(), &uid);
+    let had_user = grant.status.as_ref().is_some_and(|s| s.iam_user.is_some());
+    if had_user {
+        let classes = ctx.classes.state();
+        let classes: Vec<S3GrantClass> = classes.iter().map(|c| (**c).clone()).collect();
+        let used = grant
+            .status
+            .as_ref()
+            .and_then(|s| s.class_name.clone())
+            .or_else(|| grant.spec.class_name.clone());
+        match select_class(used.as_deref(), &classes) {
+            Ok(class) => {
+                let aws = ctx.aws_for(class).await?;
+                if delete_user(&aws.iam, &user, &uid).await? {
+                    removed.push(format!("IAM user {user} and its access keys"));
+                }
+            }
+            Err(err) => {
+                return Err(Error::RevokeBlocked(format!(
+                    "IAM user {user} cannot be deleted because its class is unavailable ({err}); restore the class so s3grant can remove it"
+                )));
+            }
+        }
+    }
+    if !removed.is_empty() {
         ctx.publish(
             grant,
             EventType::Normal,
             "Revoked",
-            "IAM user, access keys and Secret removed".into(),
+            format!("removed {}", removed.join(" and ")),
         )
         .await;
     }
-    Ok(revoked)
+    Ok(())
 }
 
 async fn cleanup(grant: &S3Grant, ctx: &Context) -> Result<Action> {

@@ -33,6 +33,12 @@ pub enum Error {
     #[error("no S3GrantClass for this grant: {0}")]
     ClassNotFound(String),
 
+    #[error("cannot choose a default S3GrantClass: {0}")]
+    AmbiguousDefaultClass(String),
+
+    #[error("cannot revoke: {0}")]
+    RevokeBlocked(String),
+
     #[error("S3GrantClass {class} is misconfigured: {reason}")]
     ClassMisconfigured { class: String, reason: String },
 
@@ -77,6 +83,8 @@ impl Error {
             | Error::Manifest { .. } => "InvalidSpec",
             Error::PolicyTooLarge { .. } => "PolicyTooLarge",
             Error::ClassNotFound(_) => "ClassNotFound",
+            Error::AmbiguousDefaultClass(_) => "AmbiguousDefaultClass",
+            Error::RevokeBlocked(_) => "RevokeBlocked",
             Error::ClassMisconfigured { .. } => "ClassMisconfigured",
             Error::NotPermitted { .. } => "NotPermitted",
             Error::SecretConflict { .. } => "SecretConflict",
@@ -108,7 +116,10 @@ impl Error {
             }
             | Error::Kube { .. } => Duration::from_secs(15),
             Error::Aws { .. } => Duration::from_secs(120),
-            Error::SecretConflict { .. } | Error::ClassNotFound(_) => Duration::from_secs(300),
+            Error::SecretConflict { .. }
+            | Error::ClassNotFound(_)
+            | Error::AmbiguousDefaultClass(_)
+            | Error::RevokeBlocked(_) => Duration::from_secs(300),
             _ => Duration::from_secs(900),
         }
     }

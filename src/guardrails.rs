@@ -35,7 +35,7 @@ pub fn select_class<'a>(
                 .iter()
                 .filter_map(|c| c.metadata.name.as_deref())
                 .collect();
-            Err(Error::ClassNotFound(format!(
+            Err(Error::AmbiguousDefaultClass(format!(
                 "{} S3GrantClasses are marked default ({}); the platform team must mark exactly one",
                 names.len(),
                 names.join(", ")
