@@ -99,11 +99,27 @@ mod tests {
     #[test]
     fn refresh_of_the_shortest_session_leaves_minutes_of_validity() {
         let expires = Timestamp::from_second(900).unwrap();
-        let at = refresh_at(expires, Duration::from_secs(900), 89);
+        let at = refresh_at(
+            expires,
+            Duration::from_secs(900),
+            DEFAULT_REFRESH_FRACTION,
+            89,
+        );
         assert!(
             900 - at.as_second() >= 300,
             "at least a third of 15m is left"
         );
+    }
+
+    #[test]
+    fn refresh_never_comes_before_the_credentials_were_issued() {
+        let expires = Timestamp::from_second(900).unwrap();
+        for fraction in [0.0, 0.01, 0.05, 0.5, 0.9, 1.0, 7.0] {
+            for seed in [0, 3, 44, 999_999] {
+                let at = refresh_at(expires, Duration::from_secs(900), fraction, seed).as_second();
+                assert!((0..900).contains(&at), "{fraction} {seed}: {at}");
+            }
+        }
     }
 
     #[test]
