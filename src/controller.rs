@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
@@ -211,8 +211,12 @@ async fn apply(grant: &S3Grant, ctx: &Context) -> Result<Action> {
             ))
         }
         Err(error) if error.is_user_error() => {
-            // A grant its class no longer permits (or whose class is gone) loses what it holds.
-            let revoke = matches!(error, Error::NotPermitted { .. } | Error::ClassNotFound(_));
+            // A grant its class no longer permits, whose class is gone, or that lost its Secret's
+            // name to another owner, loses what it holds in AWS.
+            let revoke = matches!(
+                error,
+                Error::NotPermitted { .. } | Error::ClassNotFound(_) | Error::SecretConflict { .. }
+            );
             let mut message = error.to_string();
             let mut revoked = false;
             if revoke {
@@ -518,6 +522,9 @@ async fn namespace_labels(ctx: &Context, namespace: &str) -> Result<BTreeMap<Str
     Ok(ns.metadata.labels.unwrap_or_default())
 }
 
+/// Writes the Secret when it differs. A missing Secret is created (so a grant racing
+/// another for the same name loses with a conflict instead of overwriting it); an
+/// existing one is applied with its resourceVersion as a precondition.
 async fn write_secret(
     grant: &S3Grant,
     api: &Api<Secret>,
@@ -526,17 +533,31 @@ async fn write_secret(
     credentials: &Credentials,
     issued_for: &str,
 ) -> Result<()> {
-    let desired = build_secret(grant, plan, credentials, issued_for);
+    let mut desired = build_secret(grant, plan, credentials, issued_for);
     if !needs_write(existing, &desired) {
         return Ok(());
     }
-    api.patch(
-        &plan.secret_name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&desired),
-    )
-    .await
-    .map_err(Error::kube("write the grant's Secret"))?;
+    match existing {
+        None => {
+            let params = PostParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..PostParams::default()
+            };
+            api.create(&params, &desired)
+                .await
+                .map_err(Error::kube("create the grant's Secret"))?;
+        }
+        Some(existing) => {
+            desired.metadata.resource_version = existing.metadata.resource_version.clone();
+            api.patch(
+                &plan.secret_name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&desired),
+            )
+            .await
+            .map_err(Error::kube("write the grant's Secret"))?;
+        }
+    }
     Ok(())
 }
 

@@ -568,6 +568,85 @@ mod tests {
         }
     }
 
+    /// moto neither stores nor returns permissions boundaries, so the request itself is
+    /// checked here: CreateUser must carry the class's boundary, path and our tags.
+    #[tokio::test]
+    async fn created_users_carry_the_class_boundary_path_and_tags() {
+        use aws_smithy_http_client::test_util::{ReplayEvent, StaticReplayClient};
+        use aws_smithy_types::body::SdkBody;
+
+        let response = |status: u16, body: &str| {
+            http::Response::builder()
+                .status(status)
+                .body(SdkBody::from(body.to_string()))
+                .unwrap()
+        };
+        let request = || {
+            http::Request::builder()
+                .uri("https://iam.amazonaws.com/")
+                .body(SdkBody::empty())
+                .unwrap()
+        };
+        let replay = StaticReplayClient::new(vec![
+            ReplayEvent::new(
+                request(),
+                response(404, "<ErrorResponse><Error><Type>Sender</Type><Code>NoSuchEntity</Code><Message>no such user</Message></Error></ErrorResponse>"),
+            ),
+            ReplayEvent::new(request(), response(200, "<CreateUserResponse><CreateUserResult><User><Path>/s3grant/</Path><UserName>u</UserName><UserId>X</UserId><Arn>arn:aws:iam::1:user/u</Arn><CreateDate>2026-01-01T00:00:00Z</CreateDate></User></CreateUserResult></CreateUserResponse>")),
+        ]);
+        let config = aws_sdk_iam::Config::builder()
+            .behavior_version(aws_sdk_iam::config::BehaviorVersion::latest())
+            .region(aws_sdk_iam::config::Region::new("us-east-1"))
+            .credentials_provider(aws_credential_types::Credentials::for_tests())
+            .http_client(replay.clone())
+            .build();
+        let iam = aws_sdk_iam::Client::from_conf(config);
+        let plan = crate::plan::GrantPlan {
+            namespace: "ns".into(),
+            name: "g".into(),
+            class_name: "c".into(),
+            credential: crate::plan::CredentialPlan::IamUser {
+                user_name: "s3g-ns-g-abc".into(),
+                path: "/s3grant/".into(),
+                permissions_boundary: Some("arn:aws:iam::1:policy/boundary".into()),
+                rotate_every: None,
+                tags: vec![(TAG_UID.into(), "uid-1".into())],
+            },
+            bucket: crate::validate::BucketName::parse("acme-data").unwrap(),
+            prefixes: vec![],
+            policy: crate::policy::build_policy(
+                &crate::validate::BucketName::parse("acme-data").unwrap(),
+                &[],
+                crate::api::Mode::ReadOnly,
+            ),
+            policy_size: 0,
+            secret_name: "s".into(),
+            region: "us-east-1".into(),
+            endpoint: None,
+        };
+        assert!(
+            !ensure_user(&iam, &plan).await.unwrap(),
+            "the user was created"
+        );
+        let requests: Vec<String> = replay
+            .actual_requests()
+            .map(|r| String::from_utf8(r.body().bytes().unwrap().to_vec()).unwrap())
+            .collect();
+        assert!(requests[0].contains("Action=GetUser"), "{}", requests[0]);
+        let create = &requests[1];
+        assert!(create.contains("Action=CreateUser"), "{create}");
+        assert!(
+            create.contains("PermissionsBoundary=arn%3Aaws%3Aiam%3A%3A1%3Apolicy%2Fboundary"),
+            "{create}"
+        );
+        assert!(create.contains("Path=%2Fs3grant%2F"), "{create}");
+        assert!(
+            create.contains("Tags.member.1.Key=s3grant.io%2Fuid")
+                && create.contains("Tags.member.1.Value=uid-1"),
+            "{create}"
+        );
+    }
+
     #[test]
     fn iam_policy_documents_are_url_decoded() {
         assert_eq!(percent_decode("%7B%22a%22%3A1%7D"), "{\"a\":1}");
