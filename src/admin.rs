@@ -17,6 +17,7 @@ use crate::metrics::Metrics;
 pub struct Readiness {
     synced: AtomicBool,
     leading: AtomicBool,
+    standby: AtomicBool,
 }
 
 impl Readiness {
@@ -28,8 +29,13 @@ impl Readiness {
         self.leading.store(leading, Ordering::SeqCst);
     }
 
+    /// A replica waiting for the Lease is healthy and ready to take over.
+    pub fn set_standby(&self, standby: bool) {
+        self.standby.store(standby, Ordering::SeqCst);
+    }
+
     pub fn is_ready(&self) -> bool {
-        self.synced.load(Ordering::SeqCst)
+        self.synced.load(Ordering::SeqCst) || self.standby.load(Ordering::SeqCst)
     }
 
     pub fn is_leading(&self) -> bool {

@@ -66,6 +66,9 @@ impl std::fmt::Display for Mode {
 pub struct S3GrantSpec {
     /// The S3 bucket the credentials may use. Must follow S3's bucket naming rules.
     #[schemars(length(min = 3, max = 63), pattern(r"^[a-z0-9][a-z0-9.-]*[a-z0-9]$"))]
+    #[x_kube(validation = Rule::new("!self.contains('..') && !self.contains('.-') && !self.contains('-.')").message("bucket must not contain '..', '.-' or '-.'"))]
+    #[x_kube(validation = Rule::new("!self.matches('^[0-9]+[.][0-9]+[.][0-9]+[.][0-9]+$')").message("bucket must not be formatted as an IP address"))]
+    #[x_kube(validation = Rule::new("!self.startsWith('xn--') && !self.startsWith('sthree-') && !self.endsWith('-s3alias') && !self.endsWith('--ol-s3')").message("bucket uses a prefix or suffix that S3 reserves"))]
     pub bucket: String,
 
     /// A key prefix the credentials are confined to, read as a folder: `tenant-a` and

@@ -99,7 +99,7 @@ async fn iam_user_grant_works_inside_its_prefix_and_is_removed_on_delete() {
     let Some(s) = setup("iam-basic").await else {
         return;
     };
-    let _operator = Operator::start(&s.namespace, &[]);
+    let mut operator = Operator::start(&s.namespace, &[]);
     let started = std::time::Instant::now();
     apply_grant(
         &s.bed.kube,
@@ -127,6 +127,32 @@ async fn iam_user_grant_works_inside_its_prefix_and_is_removed_on_delete() {
             .unwrap()
             .contains(&data["AWS_SECRET_ACCESS_KEY"]),
         "no secret in status"
+    );
+
+    let issued = events(&s.bed.kube, &s.namespace).await;
+    assert!(
+        issued
+            .iter()
+            .any(|(reason, note)| reason == "Issued" && note.contains("reports-s3")),
+        "{issued:?}"
+    );
+    assert!(
+        !issued
+            .iter()
+            .any(|(_, note)| note.contains(&data["AWS_SECRET_ACCESS_KEY"])),
+        "no secret in Events"
+    );
+
+    // A reconcile with nothing to change: the AWS calls it costs.
+    let calls_before = operator.aws_calls().await;
+    operator
+        .reconcile_after(touch_grant(&s.bed.kube, &s.namespace, "reports"))
+        .await;
+    let steady_calls = operator.aws_calls().await - calls_before;
+    eprintln!("AWS calls for an unchanged IAM-user grant: {steady_calls}");
+    assert_eq!(
+        steady_calls, 5,
+        "GetUser, ListUserPolicies, ListAttachedUserPolicies, GetUserPolicy, ListAccessKeys"
     );
 
     let tenant = s3_from_secret(&s.bed.moto, &data);
@@ -176,6 +202,9 @@ async fn iam_user_grant_works_inside_its_prefix_and_is_removed_on_delete() {
         !can_put(&tenant, bucket, "tenant-a/after-delete").await,
         "deleted key no longer works"
     );
+    let exit = operator.terminate();
+    assert!(exit.success(), "SIGTERM shuts down cleanly: {exit:?}");
+    assert!(operator.log_text().contains("controller stopped"));
     s.finish().await;
 }
 
@@ -338,16 +367,34 @@ async fn invalid_grant_reports_why_and_creates_nothing_in_aws() {
         return;
     };
     let operator = Operator::start(&s.namespace, &[]);
-    // Passes the CRD schema (digits and dots) but not S3's rules: formatted as an IP address.
-    let yaml = "apiVersion: s3grant.io/v1alpha1\nkind: S3Grant\nmetadata: {name: bad}\nspec:\n  bucket: 192.168.10.1\n  prefix: a/\n".to_string()
-        + &format!("  className: {}\n", s.class);
+    // Passes every rule the API server can check, but the compiled policy is over IAM's
+    // 2,048-character limit for a user's inline policies: only the operator can tell.
+    let prefixes: Vec<String> = (0..24)
+        .map(|i| format!("team-{i:02}/{}", "x".repeat(60)))
+        .collect();
+    let yaml = format!(
+        "apiVersion: s3grant.io/v1alpha1\nkind: S3Grant\nmetadata: {{name: bad}}\nspec:\n  bucket: {}\n  className: {}\n  prefixes: {:?}\n",
+        s.bed.moto.bucket, s.class, prefixes
+    );
     apply_grant(&s.bed.kube, &s.namespace, &yaml).await;
     let grant = wait_ready(&s.bed.kube, &s.namespace, "bad", "False", READY_TIMEOUT).await;
     let (_, reason, message) = ready_condition(&grant).unwrap();
-    assert_eq!(reason, "InvalidSpec");
+    assert_eq!(reason, "PolicyTooLarge");
     assert!(
-        message.contains("must not be formatted as an IP address"),
+        message.contains("over the 2048-character limit of a user's inline policies"),
         "{message}"
+    );
+    // The API server refuses what it can check itself, before the operator sees it.
+    let api = Api::<S3Grant>::namespaced(s.bed.kube.clone(), &s.namespace);
+    let ip_bucket: S3Grant = serde_yaml::from_str("apiVersion: s3grant.io/v1alpha1\nkind: S3Grant\nmetadata: {name: ip}\nspec: {bucket: 192.168.10.1, prefix: a/}\n").unwrap();
+    let refused = api
+        .create(&PostParams::default(), &ip_bucket)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("must not be formatted as an IP address"),
+        "{refused}"
     );
     assert!(s.users().await.is_empty());
     let metrics = operator.metrics().await;
@@ -441,4 +488,14 @@ async fn operator_killed_mid_reconcile_converges_without_orphans() {
         .await;
     }
     s.finish().await;
+}
+
+/// (reason, note) of the events.k8s.io Events in a namespace.
+async fn events(client: &kube::Client, namespace: &str) -> Vec<(String, String)> {
+    let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), namespace);
+    let list = api.list(&Default::default()).await.unwrap();
+    list.items
+        .into_iter()
+        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect()
 }

@@ -71,7 +71,7 @@ async fn sts_grant_is_confined_to_its_prefix_and_mode_by_rgw() {
     let Some(s) = setup("sts-basic").await else {
         return;
     };
-    let _operator = Operator::start(&s.namespace, &[]);
+    let operator = Operator::start(&s.namespace, &[]);
     let ns = s.namespace.clone();
     let started = std::time::Instant::now();
     apply_grant(
@@ -123,6 +123,22 @@ async fn sts_grant_is_confined_to_its_prefix_and_mode_by_rgw() {
     let process: serde_json::Value =
         serde_json::from_str(&data["credential_process.json"]).unwrap();
     assert_eq!(process["Expiration"], data["AWS_CREDENTIAL_EXPIRATION"]);
+
+    // A reconcile of a grant whose session is fresh costs no AWS call.
+    let calls_before = operator.aws_calls().await;
+    operator
+        .reconcile_after(touch_grant(&s.bed.kube, &ns, "rw"))
+        .await;
+    assert_eq!(
+        operator.aws_calls().await - calls_before,
+        0,
+        "no AWS call while the session is fresh"
+    );
+    assert_eq!(
+        secret_data(&s.bed.kube, &ns, "rw-s3").await.unwrap(),
+        data,
+        "Secret unchanged"
+    );
 
     let bucket = s.bed.rgw.bucket.clone();
     let tenant = s3_from_secret(&s.bed.rgw, &data);

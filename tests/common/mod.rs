@@ -448,6 +448,26 @@ impl Operator {
             .unwrap_or_default()
     }
 
+    /// The value of an unlabelled counter on this operator's /metrics (0 when absent).
+    pub async fn counter(&self, name: &str) -> u64 {
+        self.metrics()
+            .await
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Waits for the operator to reconcile once more after `touch` runs.
+    pub async fn reconcile_after<F: std::future::Future<Output = ()>>(&self, touch: F) {
+        let before = self.counter("s3grant_reconciles_total").await;
+        touch.await;
+        wait_for(Duration::from_secs(30), "one more reconcile", || async move {
+            (self.counter("s3grant_reconciles_total").await > before).then_some(())
+        })
+        .await;
+    }
+
     /// Total AWS calls this operator made, from its /metrics.
     pub async fn aws_calls(&self) -> u64 {
         self.metrics()
@@ -488,4 +508,18 @@ pub async fn http_get(url: &str) -> Option<String> {
     stream.read_to_string(&mut response).await.ok()?;
     let (head, body) = response.split_once("\r\n\r\n")?;
     head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
+/// Adds a harmless annotation to a grant, which makes the operator reconcile it.
+pub async fn touch_grant(client: &Client, namespace: &str, name: &str) {
+    let touch =
+        serde_json::json!({"metadata": {"annotations": {"example.com/touched": unique("t")}}});
+    Api::<S3Grant>::namespaced(client.clone(), namespace)
+        .patch(
+            name,
+            &kube::api::PatchParams::default(),
+            &Patch::Merge(&touch),
+        )
+        .await
+        .expect("touch grant");
 }
