@@ -49,7 +49,6 @@ impl std::fmt::Display for Mode {
     namespaced,
     status = "S3GrantStatus",
     shortname = "s3g",
-    category = "s3grant",
     doc = "S3Grant asks for S3 credentials scoped to a bucket, prefixes and a mode, delivered as a Secret.",
     printcolumn = r#"{"name":"Bucket","type":"string","jsonPath":".spec.bucket"}"#,
     printcolumn = r#"{"name":"Prefix","type":"string","jsonPath":".spec.prefix"}"#,
@@ -57,7 +56,7 @@ impl std::fmt::Display for Mode {
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason","priority":1}"#,
     printcolumn = r#"{"name":"Secret","type":"string","jsonPath":".status.secretName","priority":1}"#,
-    printcolumn = r#"{"name":"Expires","type":"date","jsonPath":".status.expiresAt"}"#,
+    printcolumn = r#"{"name":"Expires","type":"string","jsonPath":".status.expiresAt"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -200,7 +199,6 @@ pub struct Condition {
     version = "v1alpha1",
     kind = "S3GrantClass",
     shortname = "s3gc",
-    category = "s3grant",
     doc = "S3GrantClass says where S3Grant credentials come from and what tenants may ask for.",
     printcolumn = r#"{"name":"Buckets","type":"string","jsonPath":".spec.buckets"}"#,
     printcolumn = r#"{"name":"PrefixTemplate","type":"string","jsonPath":".spec.prefixTemplate"}"#,
@@ -318,7 +316,44 @@ impl S3GrantClass {
 
 /// The CRDs, in the order `s3grant crd` prints them.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![S3Grant::crd(), S3GrantClass::crd()]
+    vec![
+        unwrap_descriptions(S3Grant::crd()),
+        unwrap_descriptions(S3GrantClass::crd()),
+    ]
+}
+
+/// Doc comments are wrapped at 90 columns in the source; `kubectl explain` wraps text
+/// itself, so single line breaks become spaces (blank lines still separate paragraphs).
+fn unwrap_descriptions(crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    fn walk(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, child) in map.iter_mut() {
+                    match child {
+                        serde_json::Value::String(text) if key == "description" => {
+                            *text = text
+                                .split("\n\n")
+                                .map(|paragraph| {
+                                    paragraph
+                                        .split('\n')
+                                        .map(str::trim)
+                                        .collect::<Vec<_>>()
+                                        .join(" ")
+                                })
+                                .collect::<Vec<_>>()
+                                .join("\n\n");
+                        }
+                        _ => walk(child),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    let mut value = serde_json::to_value(&crd).expect("a CRD always serializes");
+    walk(&mut value);
+    serde_json::from_value(value).expect("only descriptions changed")
 }
 
 /// The CRDs as one multi-document YAML file, as kept in `crds/`.
