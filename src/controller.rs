@@ -211,6 +211,15 @@ async fn apply(grant: &S3Grant, ctx: &Context) -> Result<Action> {
             ))
         }
         Err(error) if error.is_user_error() => {
+            // The status may have changed during this reconcile (the IAM user is named
+            // before it is created): build on what the server has now.
+            let api: Api<S3Grant> =
+                Api::namespaced(ctx.client.clone(), &grant.namespace().unwrap_or_default());
+            let latest = api
+                .get(&grant.name_any())
+                .await
+                .map_err(Error::kube("read the grant"))?;
+            let (grant, previous) = (&latest, latest.status.as_ref());
             // A grant its class no longer permits, whose class is gone, or that lost its Secret's
             // name to another owner, loses what it holds in AWS.
             let revoke = matches!(
@@ -713,6 +722,34 @@ async fn cleanup(grant: &S3Grant, ctx: &Context) -> Result<Action> {
     Ok(Action::await_change())
 }
 
+/// The classes whose backend did not answer an STS GetCallerIdentity with any HTTP
+/// response (an error response counts: RGW answers 405, which still proves it is there).
+/// A class that cannot even be configured is reported on its grants instead.
+async fn unanswered_backends(ctx: &Context) -> Vec<String> {
+    use aws_smithy_runtime_api::client::result::SdkError;
+    let mut silent = Vec::new();
+    for class in ctx.classes.state() {
+        let name = class.name_any();
+        let aws = match ctx.aws_for(&class).await {
+            Ok(aws) => aws,
+            Err(err) => {
+                tracing::warn!(class = %name, error = %err, "class cannot be used");
+                continue;
+            }
+        };
+        let probe = tokio::time::timeout(
+            Duration::from_secs(10),
+            aws.sts.get_caller_identity().send(),
+        )
+        .await;
+        match probe {
+            Ok(Ok(_)) | Ok(Err(SdkError::ServiceError(_))) => {}
+            _ => silent.push(name),
+        }
+    }
+    silent
+}
+
 /// Runs the controller until SIGTERM or SIGINT.
 pub async fn run(
     client: Client,
@@ -790,10 +827,26 @@ pub async fn run(
         .owns_stream(owned_secrets)
         .reconcile_all_on(class_changes)
         .shutdown_on_signal();
+    let probe_ctx = ctx.clone();
     tokio::spawn(async move {
-        if grant_store.wait_until_ready().await.is_ok() {
-            ready.set_synced();
+        // The store's readiness wakes only one waiter (the controller also waits on it),
+        // so poll it again every second rather than wait once.
+        while tokio::time::timeout(Duration::from_secs(1), grant_store.wait_until_ready())
+            .await
+            .is_err()
+        {}
+        tracing::debug!("first sync of grants done; probing backends");
+        // Ready once the first sync is done and every class's backend has answered.
+        loop {
+            match unanswered_backends(&probe_ctx).await {
+                silent if silent.is_empty() => break,
+                silent => {
+                    tracing::warn!(classes = ?silent, "backends not answering; not ready yet")
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(15)).await;
         }
+        ready.set_synced();
     });
     controller
         .run(reconcile, error_policy, ctx)

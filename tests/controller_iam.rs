@@ -144,6 +144,7 @@ async fn iam_user_grant_works_inside_its_prefix_and_is_removed_on_delete() {
     );
 
     // A reconcile with nothing to change: the AWS calls it costs.
+    operator.wait_ready().await; // its startup probe of the backends is done
     let calls_before = operator.aws_calls().await;
     operator
         .reconcile_after(touch_grant(&s.bed.kube, &s.namespace, "reports"))
@@ -201,6 +202,15 @@ async fn iam_user_grant_works_inside_its_prefix_and_is_removed_on_delete() {
     assert!(
         !can_put(&tenant, bucket, "tenant-a/after-delete").await,
         "deleted key no longer works"
+    );
+    let log = operator.log_text();
+    assert!(
+        log.contains("credentials written"),
+        "the log says what happened"
+    );
+    assert!(
+        !log.contains(&data["AWS_SECRET_ACCESS_KEY"]),
+        "no secret in the log"
     );
     let exit = operator.terminate();
     assert!(exit.success(), "SIGTERM shuts down cleanly: {exit:?}");
@@ -367,6 +377,8 @@ async fn invalid_grant_reports_why_and_creates_nothing_in_aws() {
         return;
     };
     let operator = Operator::start(&s.namespace, &[]);
+    operator.wait_ready().await;
+    let calls_before = operator.aws_calls().await;
     // Passes every rule the API server can check, but the compiled policy is over IAM's
     // 2,048-character limit for a user's inline policies: only the operator can tell.
     let prefixes: Vec<String> = (0..24)
@@ -403,10 +415,18 @@ async fn invalid_grant_reports_why_and_creates_nothing_in_aws() {
         "the operator's /metrics answers: {metrics}"
     );
     assert_eq!(
-        operator.aws_calls().await,
+        operator.aws_calls().await - calls_before,
         0,
         "no AWS call for an invalid grant"
     );
+    // Deleting a grant whose AWS side never existed works, again without AWS.
+    api.delete("bad", &DeleteParams::default()).await.unwrap();
+    wait_for(READY_TIMEOUT, "the invalid grant to be gone", || {
+        let api = api.clone();
+        async move { api.get_opt("bad").await.ok()?.is_none().then_some(()) }
+    })
+    .await;
+    assert_eq!(operator.aws_calls().await - calls_before, 0);
     s.finish().await;
 }
 
@@ -498,4 +518,186 @@ async fn events(client: &kube::Client, namespace: &str) -> Vec<(String, String)>
         .into_iter()
         .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
         .collect()
+}
+
+#[tokio::test]
+async fn drift_in_aws_is_repaired() {
+    let Some(s) = setup("iam-repair").await else {
+        return;
+    };
+    let operator = Operator::start(&s.namespace, &[]);
+    apply_grant(
+        &s.bed.kube,
+        &s.namespace,
+        &s.grant_yaml("app", "  prefix: app/\n"),
+    )
+    .await;
+    let grant = wait_ready(&s.bed.kube, &s.namespace, "app", "True", READY_TIMEOUT).await;
+    let user = grant.status.unwrap().iam_user.unwrap();
+    let iam = iam_admin(&s.bed.moto);
+    let bucket = s.bed.moto.bucket.clone();
+
+    // Someone widens the inline policy and attaches another: both are undone.
+    let wide = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"s3:*","Resource":"*"}]}"#;
+    iam.put_user_policy()
+        .user_name(&user)
+        .policy_name("s3grant")
+        .policy_document(wide)
+        .send()
+        .await
+        .unwrap();
+    iam.put_user_policy()
+        .user_name(&user)
+        .policy_name("extra")
+        .policy_document(wide)
+        .send()
+        .await
+        .unwrap();
+    let data = secret_data(&s.bed.kube, &s.namespace, "app-s3")
+        .await
+        .unwrap();
+    assert!(
+        can_put(&s3_from_secret(&s.bed.moto, &data), &bucket, "elsewhere/x").await,
+        "the widened policy is in force"
+    );
+    operator
+        .reconcile_after(touch_grant(&s.bed.kube, &s.namespace, "app"))
+        .await;
+    let names = iam
+        .list_user_policies()
+        .user_name(&user)
+        .send()
+        .await
+        .unwrap()
+        .policy_names;
+    assert_eq!(names, ["s3grant"]);
+    let document = iam
+        .get_user_policy()
+        .user_name(&user)
+        .policy_name("s3grant")
+        .send()
+        .await
+        .unwrap();
+    let restored: serde_json::Value = serde_json::from_str(
+        &percent_encoding::percent_decode_str(document.policy_document()).decode_utf8_lossy(),
+    )
+    .unwrap();
+    assert!(
+        restored
+            .to_string()
+            .contains("arn:aws:s3:::s3grant-test/app/*"),
+        "{restored}"
+    );
+    assert!(
+        !can_put(&s3_from_secret(&s.bed.moto, &data), &bucket, "elsewhere/y").await,
+        "back inside the prefix"
+    );
+
+    // Someone deletes the user: it comes back with a new key in the Secret.
+    for key in iam
+        .list_access_keys()
+        .user_name(&user)
+        .send()
+        .await
+        .unwrap()
+        .access_key_metadata()
+    {
+        iam.delete_access_key()
+            .user_name(&user)
+            .access_key_id(key.access_key_id().unwrap())
+            .send()
+            .await
+            .unwrap();
+    }
+    iam.delete_user_policy()
+        .user_name(&user)
+        .policy_name("s3grant")
+        .send()
+        .await
+        .unwrap();
+    iam.delete_user().user_name(&user).send().await.unwrap();
+    operator
+        .reconcile_after(touch_grant(&s.bed.kube, &s.namespace, "app"))
+        .await;
+    let renewed = wait_for(READY_TIMEOUT, "a new key for the recreated user", || {
+        let client = s.bed.kube.clone();
+        let ns = s.namespace.clone();
+        let old = data["AWS_ACCESS_KEY_ID"].clone();
+        async move {
+            secret_data(&client, &ns, "app-s3")
+                .await
+                .filter(|d| d["AWS_ACCESS_KEY_ID"] != old)
+        }
+    })
+    .await;
+    assert_eq!(s.users().await, vec![user.clone()]);
+    assert!(
+        can_put(
+            &s3_from_secret(&s.bed.moto, &renewed),
+            &bucket,
+            "app/after-repair"
+        )
+        .await
+    );
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn an_iam_user_s3grant_did_not_create_is_never_touched() {
+    let Some(s) = setup("iam-foreign").await else {
+        return;
+    };
+    // The grant exists before the operator runs, so its uid (and so its user name) is known.
+    let grant = apply_grant(
+        &s.bed.kube,
+        &s.namespace,
+        &s.grant_yaml("app", "  prefix: app/\n"),
+    )
+    .await;
+    let name =
+        s3grant::naming::iam_user_name(&s.namespace, "app", grant.metadata.uid.as_deref().unwrap());
+    let iam = iam_admin(&s.bed.moto);
+    iam.create_user()
+        .user_name(&name)
+        .path(&s.iam_path)
+        .send()
+        .await
+        .unwrap();
+    let _operator = Operator::start(&s.namespace, &[]);
+    let grant = wait_ready(&s.bed.kube, &s.namespace, "app", "False", READY_TIMEOUT).await;
+    let (_, reason, message) = ready_condition(&grant).unwrap();
+    assert_eq!(reason, "IamUserConflict", "{message}");
+    let keys = iam
+        .list_access_keys()
+        .user_name(&name)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        keys.access_key_metadata().is_empty(),
+        "no key was added to the foreign user"
+    );
+    assert!(iam
+        .list_user_policies()
+        .user_name(&name)
+        .send()
+        .await
+        .unwrap()
+        .policy_names
+        .is_empty());
+    Api::<S3Grant>::namespaced(s.bed.kube.clone(), &s.namespace)
+        .delete("app", &DeleteParams::default())
+        .await
+        .unwrap();
+    let api = Api::<S3Grant>::namespaced(s.bed.kube.clone(), &s.namespace);
+    wait_for(READY_TIMEOUT, "the grant to be gone", || {
+        let api = api.clone();
+        async move { api.get_opt("app").await.ok()?.is_none().then_some(()) }
+    })
+    .await;
+    assert!(
+        iam.get_user().user_name(&name).send().await.is_ok(),
+        "deleting the grant left the foreign user alone"
+    );
+    s.finish().await;
 }

@@ -125,6 +125,7 @@ async fn sts_grant_is_confined_to_its_prefix_and_mode_by_rgw() {
     assert_eq!(process["Expiration"], data["AWS_CREDENTIAL_EXPIRATION"]);
 
     // A reconcile of a grant whose session is fresh costs no AWS call.
+    operator.wait_ready().await; // its startup probe of the backends is done
     let calls_before = operator.aws_calls().await;
     operator
         .reconcile_after(touch_grant(&s.bed.kube, &ns, "rw"))

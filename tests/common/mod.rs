@@ -448,6 +448,15 @@ impl Operator {
             .unwrap_or_default()
     }
 
+    /// Waits until /readyz answers 200 (first sync done, backends answered).
+    pub async fn wait_ready(&self) {
+        let url = format!("{}/readyz", self.admin);
+        wait_for(Duration::from_secs(60), "the operator to be ready", || {
+            http_get(&url)
+        })
+        .await;
+    }
+
     /// The value of an unlabelled counter on this operator's /metrics (0 when absent).
     pub async fn counter(&self, name: &str) -> u64 {
         self.metrics()
