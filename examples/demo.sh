@@ -21,7 +21,7 @@ PYTHON="$(tests/testbed/moto.sh python)"
 
 say "building s3grant and installing its CRDs"
 cargo build --quiet --bin s3grant
-S3GRANT="$REPO/target/debug/s3grant"
+S3GRANT="${CARGO_TARGET_DIR:-$REPO/target}/debug/s3grant"
 kubectl apply --server-side --force-conflicts -f crds/ >/dev/null
 kubectl wait --for=condition=Established crd/s3grants.s3grant.io crd/s3grantclasses.s3grant.io --timeout=30s >/dev/null
 
@@ -91,7 +91,11 @@ spec:
   mode: ReadWrite
   duration: 15m
 EOF
-kubectl -n tenant-a wait --for=condition=Ready s3grant/reports s3grant/ingest --timeout=60s
+if ! kubectl -n tenant-a wait --for=condition=Ready s3grant/reports s3grant/ingest --timeout=60s; then
+  echo "the grants did not become Ready; the operator's log ends with:" >&2
+  tail -20 "$STATE/demo-operator.log" >&2
+  exit 1
+fi
 kubectl -n tenant-a get s3g -o wide
 
 show_secret() {
