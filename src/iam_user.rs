@@ -334,20 +334,39 @@ pub async fn create_key(
 }
 
 pub async fn delete_key(iam: &aws_sdk_iam::Client, user_name: &str, key_id: &str) -> Result<()> {
-    match iam
+    let result = iam
         .delete_access_key()
         .user_name(user_name)
         .access_key_id(key_id)
         .send()
-        .await
-    {
-        Ok(_) => Ok(()),
+        .await;
+    unless_gone(result, "iam:DeleteAccessKey").map(drop)
+}
+
+/// IAM's NoSuchEntity means "already done": `Ok(true)` when the call acted, `Ok(false)`
+/// when the entity was already gone, the error otherwise.
+fn unless_gone<T, E>(
+    result: std::result::Result<
+        T,
+        aws_smithy_runtime_api::client::result::SdkError<E, aws_smithy_runtime_api::http::Response>,
+    >,
+    operation: &'static str,
+) -> Result<bool>
+where
+    E: aws_smithy_types::error::metadata::ProvideErrorMetadata
+        + std::error::Error
+        + Send
+        + Sync
+        + 'static,
+{
+    match result {
+        Ok(_) => Ok(true),
         Err(err) => {
             let failure = AwsFailure::from_sdk(err);
             if failure.is_code("NoSuchEntity") {
-                Ok(())
+                Ok(false)
             } else {
-                Err(failure.into_error("iam:DeleteAccessKey"))
+                Err(failure.into_error(operation))
             }
         }
     }
@@ -370,7 +389,6 @@ pub async fn delete_user(iam: &aws_sdk_iam::Client, user_name: &str, uid: &str) 
         );
         return Ok(false);
     }
-    let gone = |failure: &AwsFailure| failure.is_code("NoSuchEntity");
     for key in list_keys(iam, user_name).await? {
         delete_key(iam, user_name, &key.id).await?;
     }
@@ -382,18 +400,13 @@ pub async fn delete_user(iam: &aws_sdk_iam::Client, user_name: &str, uid: &str) 
         .map_err(aws_error("iam:ListUserPolicies"))?
         .policy_names;
     for name in names {
-        if let Err(err) = iam
+        let result = iam
             .delete_user_policy()
             .user_name(user_name)
             .policy_name(&name)
             .send()
-            .await
-        {
-            let failure = AwsFailure::from_sdk(err);
-            if !gone(&failure) {
-                return Err(failure.into_error("iam:DeleteUserPolicy"));
-            }
-        }
+            .await;
+        unless_gone(result, "iam:DeleteUserPolicy")?;
     }
     let attached = iam
         .list_attached_user_policies()
@@ -406,30 +419,18 @@ pub async fn delete_user(iam: &aws_sdk_iam::Client, user_name: &str, uid: &str) 
         .iter()
         .filter_map(|p| p.policy_arn())
     {
-        if let Err(err) = iam
+        let result = iam
             .detach_user_policy()
             .user_name(user_name)
             .policy_arn(arn)
             .send()
-            .await
-        {
-            let failure = AwsFailure::from_sdk(err);
-            if !gone(&failure) {
-                return Err(failure.into_error("iam:DetachUserPolicy"));
-            }
-        }
+            .await;
+        unless_gone(result, "iam:DetachUserPolicy")?;
     }
-    match iam.delete_user().user_name(user_name).send().await {
-        Ok(_) => Ok(true),
-        Err(err) => {
-            let failure = AwsFailure::from_sdk(err);
-            if gone(&failure) {
-                Ok(false)
-            } else {
-                Err(failure.into_error("iam:DeleteUser"))
-            }
-        }
-    }
+    unless_gone(
+        iam.delete_user().user_name(user_name).send().await,
+        "iam:DeleteUser",
+    )
 }
 
 #[cfg(test)]
@@ -437,6 +438,11 @@ mod tests {
     use super::*;
 
     const HOUR: Duration = Duration::from_secs(3600);
+    const CREATE_ONLY: KeyActions = KeyActions {
+        delete: Vec::new(),
+        create: true,
+        retire_previous_at: None,
+    };
 
     fn key(id: &str, created_hours: i64) -> AccessKey {
         AccessKey {
@@ -452,14 +458,7 @@ mod tests {
     #[test]
     fn first_reconcile_creates_one_key() {
         let actions = decide_key_actions(&[], None, false, at(0), HOUR);
-        assert_eq!(
-            actions,
-            KeyActions {
-                delete: vec![],
-                create: true,
-                retire_previous_at: None
-            }
-        );
+        assert_eq!(actions, CREATE_ONLY);
     }
 
     #[test]
@@ -482,14 +481,7 @@ mod tests {
     #[test]
     fn rotation_with_one_key_creates_a_second() {
         let actions = decide_key_actions(&[key("A", 0)], Some("A"), true, at(5), HOUR);
-        assert_eq!(
-            actions,
-            KeyActions {
-                delete: vec![],
-                create: true,
-                retire_previous_at: None
-            }
-        );
+        assert_eq!(actions, CREATE_ONLY);
     }
 
     #[test]

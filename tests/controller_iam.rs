@@ -24,32 +24,15 @@ struct Setup {
 async fn setup(prefix: &str) -> Option<Setup> {
     let bed = testbed().await?;
     let namespace = namespace(&bed.kube, prefix, &[]).await;
-    let credentials = backend_credentials_secret(&bed.kube, &namespace, &bed.moto).await;
-    let class = unique("moto");
-    let iam_path = format!("/s3grant/{class}/");
-    apply_class(
+    let class = class_on(
         &bed.kube,
-        &format!(
-            r#"
-apiVersion: s3grant.io/v1alpha1
-kind: S3GrantClass
-metadata: {{name: {class}}}
-spec:
-  backend:
-    endpoint: {endpoint}
-    region: us-east-1
-    roleArn: {role}
-    iamPath: {iam_path}
-    credentialsSecretRef: {{namespace: {namespace}, name: {credentials}}}
-  buckets: [{bucket}]
-  allowWholeBucket: true
-"#,
-            endpoint = bed.moto.endpoint,
-            role = bed.moto.role_arn,
-            bucket = bed.moto.bucket,
-        ),
+        &bed.moto,
+        &namespace,
+        "moto",
+        "  allowWholeBucket: true\n",
     )
     .await;
+    let iam_path = format!("/s3grant/{class}/");
     Some(Setup {
         bed,
         namespace,
@@ -183,12 +166,7 @@ async fn iam_user_grant_works_inside_its_prefix_and_is_removed_on_delete() {
         .delete("reports", &DeleteParams::default())
         .await
         .unwrap();
-    let api = Api::<S3Grant>::namespaced(s.bed.kube.clone(), &s.namespace);
-    wait_for(READY_TIMEOUT, "grant to be gone", || {
-        let api = api.clone();
-        async move { api.get_opt("reports").await.ok()?.is_none().then_some(()) }
-    })
-    .await;
+    wait_gone(&s.bed.kube, &s.namespace, "reports").await;
     assert!(
         s.users().await.is_empty(),
         "IAM user removed with the grant"
@@ -421,11 +399,7 @@ async fn invalid_grant_reports_why_and_creates_nothing_in_aws() {
     );
     // Deleting a grant whose AWS side never existed works, again without AWS.
     api.delete("bad", &DeleteParams::default()).await.unwrap();
-    wait_for(READY_TIMEOUT, "the invalid grant to be gone", || {
-        let api = api.clone();
-        async move { api.get_opt("bad").await.ok()?.is_none().then_some(()) }
-    })
-    .await;
+    wait_gone(&s.bed.kube, &s.namespace, "bad").await;
     assert_eq!(operator.aws_calls().await - calls_before, 0);
     s.finish().await;
 }
@@ -689,12 +663,7 @@ async fn an_iam_user_s3grant_did_not_create_is_never_touched() {
         .delete("app", &DeleteParams::default())
         .await
         .unwrap();
-    let api = Api::<S3Grant>::namespaced(s.bed.kube.clone(), &s.namespace);
-    wait_for(READY_TIMEOUT, "the grant to be gone", || {
-        let api = api.clone();
-        async move { api.get_opt("app").await.ok()?.is_none().then_some(()) }
-    })
-    .await;
+    wait_gone(&s.bed.kube, &s.namespace, "app").await;
     assert!(
         iam.get_user().user_name(&name).send().await.is_ok(),
         "deleting the grant left the foreign user alone"

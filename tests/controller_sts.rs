@@ -21,31 +21,8 @@ struct Setup {
 async fn setup(prefix: &str) -> Option<Setup> {
     let bed = testbed().await?;
     let namespace = namespace(&bed.kube, prefix, &[]).await;
-    let credentials = backend_credentials_secret(&bed.kube, &namespace, &bed.rgw).await;
-    let class = unique("rgw");
-    apply_class(
-        &bed.kube,
-        &format!(
-            r#"
-apiVersion: s3grant.io/v1alpha1
-kind: S3GrantClass
-metadata: {{name: {class}}}
-spec:
-  backend:
-    endpoint: {endpoint}
-    region: us-east-1
-    roleArn: {role}
-    credentialsSecretRef: {{namespace: {namespace}, name: {credentials}}}
-  buckets: [{bucket}]
-  prefixTemplate: "{{namespace}}/"
-  maxDuration: 1h
-"#,
-            endpoint = bed.rgw.endpoint,
-            role = bed.rgw.role_arn,
-            bucket = bed.rgw.bucket,
-        ),
-    )
-    .await;
+    let rules = "  prefixTemplate: \"{namespace}/\"\n  maxDuration: 1h\n";
+    let class = class_on(&bed.kube, &bed.rgw, &namespace, "rgw", rules).await;
     Some(Setup {
         bed,
         namespace,

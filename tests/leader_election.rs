@@ -39,16 +39,7 @@ async fn holder(client: &kube::Client, namespace: &str) -> Option<String> {
 async fn only_the_leader_acts_and_the_other_takes_over_when_it_dies() {
     let Some(bed) = testbed().await else { return };
     let ns = namespace(&bed.kube, "leader", &[]).await;
-    let credentials = backend_credentials_secret(&bed.kube, &ns, &bed.moto).await;
-    let class = unique("leader");
-    apply_class(
-        &bed.kube,
-        &format!(
-            "apiVersion: s3grant.io/v1alpha1\nkind: S3GrantClass\nmetadata: {{name: {class}}}\nspec:\n  backend: {{endpoint: {}, credentialsSecretRef: {{namespace: {ns}, name: {credentials}}}}}\n  buckets: [{}]\n",
-            bed.moto.endpoint, bed.moto.bucket
-        ),
-    )
-    .await;
+    let class = class_on(&bed.kube, &bed.moto, &ns, "leader", "").await;
     let grant = |name: &str| {
         format!(
             "apiVersion: s3grant.io/v1alpha1\nkind: S3Grant\nmetadata: {{name: {name}}}\nspec: {{bucket: {}, prefix: {name}/, className: {class}}}\n",

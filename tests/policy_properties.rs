@@ -59,7 +59,8 @@ proptest! {
         raw_prefixes in prop::collection::vec(hostile_prefix(), 0..4),
         mode in mode(),
     ) {
-        let bucket = BucketName::parse(&bucket).unwrap();
+        // The pattern can still hit S3's reserved names (xn--…, …-s3alias): those are rejected.
+        let Ok(bucket) = BucketName::parse(&bucket) else { return Ok(()) };
         let Ok(prefixes) = parse_prefixes(&raw_prefixes) else { return Ok(()) };
         for raw in &raw_prefixes {
             let widening = raw.contains(['*', '?', '$', '{', '}']) || raw.starts_with('/');

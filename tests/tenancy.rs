@@ -41,34 +41,11 @@ async fn tenancy(prefix: &str) -> Option<Tenancy> {
     .await;
     let outsider = namespace(&bed.kube, &format!("{prefix}-x"), &[]).await;
     let backend_namespace = namespace(&bed.kube, &format!("{prefix}-sys"), &[]).await;
-    let credentials = backend_credentials_secret(&bed.kube, &backend_namespace, &bed.moto).await;
-    let class = unique("tenancy");
+    let rules = format!(
+        "  namespaceSelector: {{matchLabels: {{s3grant.io/tenant: {tenant_label}}}}}\n  prefixTemplate: \"data/{{namespace}}/\"\n  modes: [ReadOnly, ReadWrite]\n  maxDuration: 1h\n"
+    );
+    let class = class_on(&bed.kube, &bed.moto, &backend_namespace, "tenancy", &rules).await;
     let iam_path = format!("/s3grant/{class}/");
-    apply_class(
-        &bed.kube,
-        &format!(
-            r#"
-apiVersion: s3grant.io/v1alpha1
-kind: S3GrantClass
-metadata: {{name: {class}}}
-spec:
-  backend:
-    endpoint: {endpoint}
-    roleArn: {role}
-    iamPath: {iam_path}
-    credentialsSecretRef: {{namespace: {backend_namespace}, name: {credentials}}}
-  namespaceSelector: {{matchLabels: {{s3grant.io/tenant: {tenant_label}}}}}
-  buckets: [{bucket}]
-  prefixTemplate: "data/{{namespace}}/"
-  modes: [ReadOnly, ReadWrite]
-  maxDuration: 1h
-"#,
-            endpoint = bed.moto.endpoint,
-            role = bed.moto.role_arn,
-            bucket = bed.moto.bucket,
-        ),
-    )
-    .await;
     Some(Tenancy {
         bed,
         tenant_a,

@@ -203,6 +203,30 @@ pub async fn backend_credentials_secret(
     name
 }
 
+/// A class of the test's own (named `<prefix>-<random>`) on a testbed server: its
+/// endpoint, role and admin keys (from a Secret created in `secret_namespace`), its IAM
+/// path `/s3grant/<class>/`, the server's bucket, and the class rules in `rules`
+/// (YAML lines under `spec:`, indented two spaces). Returns the class name.
+pub async fn class_on(
+    client: &Client,
+    target: &AwsTarget,
+    secret_namespace: &str,
+    prefix: &str,
+    rules: &str,
+) -> String {
+    let credentials = backend_credentials_secret(client, secret_namespace, target).await;
+    let class = unique(prefix);
+    apply_class(
+        client,
+        &format!(
+            "apiVersion: s3grant.io/v1alpha1\nkind: S3GrantClass\nmetadata: {{name: {class}}}\nspec:\n  backend:\n    endpoint: {}\n    region: us-east-1\n    roleArn: {}\n    iamPath: /s3grant/{class}/\n    credentialsSecretRef: {{namespace: {secret_namespace}, name: {credentials}}}\n  buckets: [{}]\n{rules}",
+            target.endpoint, target.role_arn, target.bucket
+        ),
+    )
+    .await;
+    class
+}
+
 /// Creates a cluster-scoped class from YAML (its name must be unique to the test).
 pub async fn apply_class(client: &Client, yaml: &str) -> S3GrantClass {
     let class: S3GrantClass = serde_yaml::from_str(yaml).expect("class YAML");
@@ -531,4 +555,18 @@ pub async fn touch_grant(client: &Client, namespace: &str, name: &str) {
         )
         .await
         .expect("touch grant");
+}
+
+/// Waits until a grant is gone (its finalizer has run).
+pub async fn wait_gone(client: &Client, namespace: &str, name: &str) {
+    let api: Api<S3Grant> = Api::namespaced(client.clone(), namespace);
+    wait_for(
+        Duration::from_secs(60),
+        &format!("grant {namespace}/{name} to be gone"),
+        || {
+            let api = api.clone();
+            async move { api.get_opt(name).await.ok()?.is_none().then_some(()) }
+        },
+    )
+    .await;
 }
