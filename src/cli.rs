@@ -171,3 +171,44 @@ fn read(path: &PathBuf) -> Result<String> {
         reason: e.to_string(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_config(args: &[&str]) -> crate::controller::Config {
+        match Cli::try_parse_from(args).unwrap().command {
+            Command::Run(config) => config,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The chart sets every flag through its environment variable, booleans as "true"/"false".
+    #[test]
+    fn run_flags_read_their_environment_variables() {
+        std::env::set_var("S3GRANT_LEADER_ELECTION", "false");
+        std::env::set_var("S3GRANT_KEY_GRACE_PERIOD", "90m");
+        std::env::set_var("S3GRANT_STS_REFRESH_FRACTION", "0.5");
+        let config = run_config(&["s3grant", "run"]);
+        assert!(!config.leader_election);
+        assert_eq!(config.key_grace_period.as_secs(), 5400);
+        assert_eq!(config.sts_refresh_fraction, 0.5);
+        std::env::set_var("S3GRANT_LEADER_ELECTION", "true");
+        assert!(run_config(&["s3grant", "run"]).leader_election);
+        std::env::set_var("S3GRANT_STS_REFRESH_FRACTION", "0.99");
+        assert!(
+            Cli::try_parse_from(["s3grant", "run"]).is_err(),
+            "fraction out of range"
+        );
+        for var in [
+            "S3GRANT_LEADER_ELECTION",
+            "S3GRANT_KEY_GRACE_PERIOD",
+            "S3GRANT_STS_REFRESH_FRACTION",
+        ] {
+            std::env::remove_var(var);
+        }
+        let defaults = run_config(&["s3grant", "run"]);
+        assert_eq!(defaults.key_grace_period.as_secs(), 24 * 3600);
+        assert!(!defaults.leader_election);
+    }
+}
