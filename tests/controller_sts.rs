@@ -305,3 +305,126 @@ async fn narrowing_a_grant_remints_credentials_with_the_narrower_policy() {
     );
     s.finish().await;
 }
+
+/// On role credentials (IRSA, Pod Identity) every AssumeRole is role chaining, which AWS
+/// caps at one hour. moto does not enforce that cap (nor session policies), but it shows
+/// what s3grant asks for: the operator runs on session credentials here, and a 2h grant
+/// gets a 1h session with the clamp stated in its status.
+#[tokio::test]
+async fn on_role_credentials_sessions_are_clamped_to_one_hour_and_the_status_says_so() {
+    let Some(bed) = testbed().await else { return };
+    let ns = namespace(&bed.kube, "sts-chain", &[]).await;
+    let iam = iam_admin(&bed.moto);
+    let account = bed.moto.role_arn.split(':').nth(4).unwrap().to_string();
+    let admin_arn = std::env::var("S3GRANT_TEST_MOTO_ADMIN_ARN")
+        .expect("the testbed exports the moto admin's ARN");
+    let (operator_role, session_role) = (unique("operator"), unique("sessions"));
+    let trust = |principal: &str| {
+        serde_json::json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"AWS": principal}, "Action": "sts:AssumeRole"}]}).to_string()
+    };
+    let allow = |action: &str| {
+        serde_json::json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": action, "Resource": "*"}]}).to_string()
+    };
+    iam.create_role()
+        .role_name(&operator_role)
+        .assume_role_policy_document(trust(&admin_arn))
+        .send()
+        .await
+        .unwrap();
+    iam.put_role_policy()
+        .role_name(&operator_role)
+        .policy_name("chain")
+        .policy_document(allow("sts:AssumeRole"))
+        .send()
+        .await
+        .unwrap();
+    let operator_session =
+        format!("arn:aws:sts::{account}:assumed-role/{operator_role}/s3grant-operator");
+    let session_role_arn = iam
+        .create_role()
+        .role_name(&session_role)
+        .assume_role_policy_document(trust(&operator_session))
+        .max_session_duration(43200)
+        .send()
+        .await
+        .unwrap()
+        .role
+        .unwrap()
+        .arn;
+    iam.put_role_policy()
+        .role_name(&session_role)
+        .policy_name("s3")
+        .policy_document(allow("s3:*"))
+        .send()
+        .await
+        .unwrap();
+
+    // The operator's own credentials: a session of the operator role, as IRSA would give.
+    let sts_config = aws_sdk_sts::Config::builder()
+        .behavior_version(aws_sdk_sts::config::BehaviorVersion::latest())
+        .region(aws_sdk_sts::config::Region::new("us-east-1"))
+        .endpoint_url(&bed.moto.endpoint)
+        .credentials_provider(aws_credential_types::Credentials::new(
+            &bed.moto.access_key_id,
+            &bed.moto.secret_access_key,
+            None,
+            None,
+            "test",
+        ))
+        .build();
+    let account_role = format!("arn:aws:iam::{account}:role/{operator_role}");
+    let own = aws_sdk_sts::Client::from_conf(sts_config)
+        .assume_role()
+        .role_arn(&account_role)
+        .role_session_name("s3grant-operator")
+        .send()
+        .await
+        .unwrap()
+        .credentials
+        .unwrap();
+    let on_role = AwsTarget {
+        access_key_id: own.access_key_id.clone(),
+        secret_access_key: own.secret_access_key.clone(),
+        role_arn: session_role_arn,
+        ..bed.moto.clone()
+    };
+    let class = class_on(
+        &bed.kube,
+        &on_role,
+        &ns,
+        "chain",
+        "  allowWholeBucket: true\n",
+    )
+    .await;
+    // class_on stores the key pair; add the session token the operator must present.
+    let token = serde_json::json!({"stringData": {"AWS_SESSION_TOKEN": own.session_token}});
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(bed.kube.clone(), &ns)
+        .patch(
+            "backend-admin",
+            &PatchParams::default(),
+            &Patch::Merge(&token),
+        )
+        .await
+        .unwrap();
+
+    let _operator = Operator::start(&ns, &[]);
+    let grant = format!(
+        "apiVersion: s3grant.io/v1alpha1\nkind: S3Grant\nmetadata: {{name: long}}\nspec: {{bucket: {}, prefix: long/, duration: 2h, className: {class}}}\n",
+        bed.moto.bucket
+    );
+    apply_grant(&bed.kube, &ns, &grant).await;
+    let grant = wait_ready(&bed.kube, &ns, "long", "True", READY_TIMEOUT).await;
+    let (_, _, message) = ready_condition(&grant).unwrap();
+    assert!(
+        message.contains("duration clamped from 2h to 1h"),
+        "{message}"
+    );
+    let data = secret_data(&bed.kube, &ns, "long-s3").await.unwrap();
+    let expires: Timestamp = data["AWS_CREDENTIAL_EXPIRATION"].parse().unwrap();
+    let lifetime = expires.as_second() - Timestamp::now().as_second();
+    assert!(
+        (3500..=3600).contains(&lifetime),
+        "a 1h session, got {lifetime}s"
+    );
+    delete_class(&bed.kube, &class).await;
+}
