@@ -777,7 +777,9 @@ pub async fn run(
         .await?;
 
     let (class_store, class_writer) = reflector::store();
+    // Class and namespace-label changes both re-evaluate every grant.
     let (class_changed, class_changes) = futures::channel::mpsc::channel::<()>(16);
+    let mut labels_changed = class_changed.clone();
     let class_watch =
         reflector::reflector(class_writer, watcher(classes, watcher::Config::default()))
             .default_backoff()
@@ -791,6 +793,24 @@ pub async fn run(
             });
     tokio::spawn(class_watch);
     class_store.wait_until_ready().await?;
+
+    // A namespace whose labels change may gain or lose a class (namespaceSelector).
+    let namespaces: Api<PartialObjectMeta<Namespace>> = Api::all(client.clone());
+    let namespace_config = match &config.watch_namespace {
+        Some(name) => watcher::Config::default().fields(&format!("metadata.name={name}")),
+        None => watcher::Config::default(),
+    };
+    let namespace_watch = watcher(namespaces, namespace_config)
+        .default_backoff()
+        .applied_objects()
+        .predicate_filter(predicates::labels, Default::default())
+        .for_each(move |event| {
+            if event.is_ok() {
+                let _ = labels_changed.try_send(());
+            }
+            std::future::ready(())
+        });
+    tokio::spawn(namespace_watch);
 
     let reporter = Reporter {
         controller: "s3grant".into(),

@@ -292,7 +292,7 @@ def check_pod(docs, leader_election, replicas, lease_namespace, extra_env=()):
 
 CLUSTER_RULES = [
     ([""], ["secrets"], ["get", "list", "watch", "create", "patch", "delete"]),
-    ([""], ["namespaces"], ["get"]),
+    ([""], ["namespaces"], ["get", "list", "watch"]),
     (["events.k8s.io"], ["events"], ["create", "patch"]),
     (["s3grant.io"], ["s3grants"], ["get", "list", "watch", "patch"]),
     (["s3grant.io"], ["s3grants/status"], ["patch"]),

@@ -357,3 +357,43 @@ async fn tightening_the_class_revokes_running_grants() {
 // Permissions boundaries: moto neither stores nor returns them (and answers
 // PutUserPermissionsBoundary with a 500), so the CreateUser request is checked in
 // src/iam_user.rs (`created_users_carry_the_class_boundary_path_and_tags`).
+
+#[tokio::test]
+async fn a_namespace_that_loses_its_tenant_label_loses_its_grants() {
+    let Some(t) = tenancy("unlabel").await else {
+        return;
+    };
+    let bucket = t.bed.moto.bucket.clone();
+    let a = t.tenant_a.clone();
+    let _operator = Operator::start(&a, &[]);
+    let spec = format!("  bucket: {bucket}\n  prefix: data/{a}/app/\n");
+    apply_grant(&t.bed.kube, &a, &t.grant("app", &spec)).await;
+    wait_ready(&t.bed.kube, &a, "app", "True", TIMEOUT).await;
+
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(t.bed.kube.clone());
+    let unlabel = serde_json::json!({"metadata": {"labels": {"s3grant.io/tenant": null}}});
+    let changed_at = std::time::Instant::now();
+    namespaces
+        .patch(&a, &PatchParams::default(), &Patch::Merge(&unlabel))
+        .await
+        .unwrap();
+    // Within TIMEOUT, so on the label change itself and not on the hourly resync.
+    let grant = wait_ready(&t.bed.kube, &a, "app", "False", TIMEOUT).await;
+    eprintln!("label removed to revoked: {:?}", changed_at.elapsed());
+    let (_, reason, message) = ready_condition(&grant).unwrap();
+    assert_eq!(reason, "NotPermitted", "{message}");
+    assert!(
+        message.contains("not selected by the class's namespaceSelector"),
+        "{message}"
+    );
+    wait_for(TIMEOUT, "the Secret and IAM user to be removed", || {
+        let t = &t;
+        let a = a.clone();
+        async move {
+            (secret_data(&t.bed.kube, &a, "app-s3").await.is_none() && t.users().await.is_empty())
+                .then_some(())
+        }
+    })
+    .await;
+    t.finish().await;
+}
