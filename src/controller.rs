@@ -28,6 +28,7 @@ use crate::error::{Error, Result};
 use crate::guardrails::{check_permitted, select_class};
 use crate::iam_user::{
     create_key, decide_key_actions, delete_key, delete_user, ensure_policy, ensure_user, list_keys,
+    rotation_due,
 };
 use crate::metrics::Metrics;
 use crate::naming::iam_user_name;
@@ -35,7 +36,7 @@ use crate::plan::{plan_grant, CredentialPlan, GrantPlan};
 use crate::secret::{build_secret, digest, inspect_secret, needs_write, rfc3339, ExistingSecret};
 use crate::status::{failed_status, ready_condition};
 use crate::sts_session::{assume_role, effective_duration, refresh_at};
-use crate::validate::parse_duration;
+use crate::validate::{later, parse_duration};
 
 /// `s3grant run` flags; each also reads an environment variable.
 #[derive(Clone, Debug, clap::Args)]
@@ -274,22 +275,30 @@ async fn issue(grant: &S3Grant, ctx: &Context, now: Timestamp) -> Result<(GrantP
         .await
         .map_err(Error::kube("read the grant's Secret"))?;
     let uid = grant.uid().unwrap_or_default();
-    let inspected = inspect_secret(existing.as_ref(), &uid);
-    if let ExistingSecret::Foreign = inspected {
-        return Err(Error::SecretConflict {
-            namespace: namespace.clone(),
-            name: plan.secret_name.clone(),
-        });
-    }
-    let (current, issued_for) = match inspected {
+    let (current, issued_for) = match inspect_secret(existing.as_ref(), &uid) {
+        ExistingSecret::Foreign => {
+            return Err(Error::SecretConflict {
+                namespace,
+                name: plan.secret_name.clone(),
+            })
+        }
         ExistingSecret::Ours {
             credentials,
             issued_for,
         } => (credentials, issued_for),
-        _ => (None, None),
+        ExistingSecret::Missing => (None, None),
     };
 
     let aws = ctx.aws_for(class).await?;
+    let step = Step {
+        grant,
+        ctx,
+        aws: &aws,
+        plan: &plan,
+        secrets,
+        existing,
+        now,
+    };
     let issued = match &plan.credential {
         CredentialPlan::IamUser {
             user_name,
@@ -297,19 +306,10 @@ async fn issue(grant: &S3Grant, ctx: &Context, now: Timestamp) -> Result<(GrantP
             ..
         } => {
             mark_user_pending(grant, ctx, &plan, user_name).await?;
+            // Credentials issued for another user (or an STS session) are not this user's key.
             let current =
                 current.filter(|_| issued_for.as_deref() == Some(digest(user_name).as_str()));
-            issue_iam_user(
-                grant,
-                ctx,
-                &aws,
-                &plan,
-                user_name,
-                *rotate_every,
-                current,
-                now,
-            )
-            .await?
+            issue_iam_user(&step, user_name, *rotate_every, current).await?
         }
         CredentialPlan::StsSession {
             role_arn,
@@ -325,72 +325,54 @@ async fn issue(grant: &S3Grant, ctx: &Context, now: Timestamp) -> Result<(GrantP
                 )
                 .await?;
             }
-            let (duration, note) = effective_duration(*duration, aws.role_chaining);
-            let wanted_for = digest(&format!(
-                "{role_arn}\n{session_name}\n{}\n{}",
-                duration.as_secs(),
-                plan.policy.to_compact_json()
-            ));
-            let current = current.filter(|_| issued_for.as_deref() == Some(wanted_for.as_str()));
-            let seed = u64::from_str_radix(&digest(&uid)[..12], 16).unwrap_or_default();
-            let due = current
-                .as_ref()
-                .and_then(|c| c.expiration)
-                .map(|exp| refresh_at(exp, duration, ctx.config.sts_refresh_fraction, seed));
-            let (credentials, changed) = match (current, due) {
-                (Some(current), Some(due)) if now < due => (current, None),
-                (previous, _) => {
-                    let fresh =
-                        assume_role(&aws.sts, role_arn, session_name, &plan.policy, duration)
-                            .await?;
-                    (
-                        fresh,
-                        Some(if previous.is_some() {
-                            "Refreshed"
-                        } else {
-                            "Issued"
-                        }),
-                    )
-                }
-            };
-            let next_due = credentials
-                .expiration
-                .map(|exp| refresh_at(exp, duration, ctx.config.sts_refresh_fraction, seed))
-                .unwrap_or(now);
-            write_secret(
-                grant,
-                &secrets,
-                &plan,
-                existing.as_ref(),
-                &credentials,
-                &wanted_for,
+            issue_sts_session(
+                &step,
+                role_arn,
+                session_name,
+                *duration,
+                current,
+                issued_for,
             )
-            .await?;
-            Issued {
-                credentials,
-                changed,
-                next_due,
-                note,
-                handled_rotation_request: rotation_request(grant),
-            }
+            .await?
         }
     };
     Ok((plan, issued))
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What one issue step works with.
+struct Step<'a> {
+    grant: &'a S3Grant,
+    ctx: &'a Context,
+    aws: &'a AwsClients,
+    plan: &'a GrantPlan,
+    secrets: Api<Secret>,
+    existing: Option<Secret>,
+    now: Timestamp,
+}
+
+impl Step<'_> {
+    async fn write_secret(&self, credentials: &Credentials, issued_for: &str) -> Result<()> {
+        write_secret(
+            self.grant,
+            &self.secrets,
+            self.plan,
+            self.existing.as_ref(),
+            credentials,
+            issued_for,
+        )
+        .await
+    }
+}
+
 async fn issue_iam_user(
-    grant: &S3Grant,
-    ctx: &Context,
-    aws: &AwsClients,
-    plan: &GrantPlan,
+    step: &Step<'_>,
     user_name: &str,
     rotate_every: Option<Duration>,
     current: Option<Credentials>,
-    now: Timestamp,
 ) -> Result<Issued> {
-    let existed = ensure_user(&aws.iam, plan).await?;
-    ensure_policy(&aws.iam, user_name, &plan.policy, !existed).await?;
+    let (aws, config, now) = (step.aws, &step.ctx.config, step.now);
+    let existed = ensure_user(&aws.iam, step.plan).await?;
+    ensure_policy(&aws.iam, user_name, &step.plan.policy, !existed).await?;
     let keys = if existed {
         list_keys(&aws.iam, user_name).await?
     } else {
@@ -399,41 +381,25 @@ async fn issue_iam_user(
     let current_key = current
         .as_ref()
         .and_then(|c| keys.iter().find(|k| k.id == c.access_key_id));
-    let requested = rotation_request(grant);
-    let rotation_requested = requested.is_some()
-        && requested
-            != grant
-                .status
-                .as_ref()
-                .and_then(|s| s.handled_rotation_request.clone());
-    let rotation_due = match (current_key, rotate_every) {
-        (Some(key), Some(period)) => {
-            now >= key
-                .created
-                .saturating_add(
-                    jiff::SignedDuration::try_from(period).unwrap_or(jiff::SignedDuration::MAX),
-                )
-                .unwrap_or(Timestamp::MAX)
-        }
-        _ => false,
-    };
-    let grace = ctx.config.key_grace_period;
+    let requested = rotation_request(step.grant);
+    let handled = step
+        .grant
+        .status
+        .as_ref()
+        .and_then(|s| s.handled_rotation_request.clone());
+    let rotate = (requested.is_some() && requested != handled)
+        || current_key.is_some_and(|key| rotation_due(key.created, rotate_every, now));
     let actions = decide_key_actions(
         &keys,
         current_key.map(|k| k.id.as_str()),
-        rotation_requested || rotation_due,
+        rotate,
         now,
-        grace,
+        config.key_grace_period,
     );
     for key_id in &actions.delete {
         tracing::info!(user = user_name, access_key_id = %key_id, "deleting access key");
         delete_key(&aws.iam, user_name, key_id).await?;
     }
-    let secrets = ctx.secrets(&plan.namespace);
-    let existing = secrets
-        .get_opt(&plan.secret_name)
-        .await
-        .map_err(Error::kube("read the grant's Secret"))?;
     let (credentials, changed, created_at) = match (actions.create, current, current_key) {
         (false, Some(current), Some(key)) => (current, None, key.created),
         (_, previous, _) => {
@@ -446,44 +412,75 @@ async fn issue_iam_user(
             (fresh, Some(reason), key.created)
         }
     };
-    write_secret(
-        grant,
-        &secrets,
-        plan,
-        existing.as_ref(),
-        &credentials,
-        &digest(user_name),
-    )
-    .await?;
+    step.write_secret(&credentials, &digest(user_name)).await?;
 
-    let keys_left = keys.len() - actions.delete.len();
-    let grace_signed = jiff::SignedDuration::try_from(grace).unwrap_or(jiff::SignedDuration::MAX);
-    let mut next_due = now
-        .saturating_add(
-            jiff::SignedDuration::try_from(ctx.config.resync_period)
-                .unwrap_or(jiff::SignedDuration::MAX),
-        )
-        .unwrap_or(Timestamp::MAX);
-    if let Some(retire) = actions.retire_previous_at {
-        next_due = next_due.min(retire);
+    // Next: the resync, a previous key's retirement, or the scheduled rotation.
+    let mut deadlines = vec![later(now, config.resync_period)];
+    deadlines.extend(actions.retire_previous_at);
+    if changed.is_some() && keys.len() > actions.delete.len() {
+        deadlines.push(later(now, config.key_grace_period));
     }
-    if changed.is_some() && keys_left > 0 {
-        next_due = next_due.min(now.saturating_add(grace_signed).unwrap_or(Timestamp::MAX));
-    }
-    if let Some(period) = rotate_every {
-        let rotate_at = created_at
-            .saturating_add(
-                jiff::SignedDuration::try_from(period).unwrap_or(jiff::SignedDuration::MAX),
-            )
-            .unwrap_or(Timestamp::MAX);
-        next_due = next_due.min(rotate_at);
-    }
+    deadlines.extend(rotate_every.map(|period| later(created_at, period)));
     Ok(Issued {
         credentials,
         changed,
-        next_due,
+        next_due: deadlines.into_iter().min().unwrap_or(now),
         note: None,
         handled_rotation_request: requested,
+    })
+}
+
+async fn issue_sts_session(
+    step: &Step<'_>,
+    role_arn: &str,
+    session_name: &str,
+    requested: Duration,
+    current: Option<Credentials>,
+    issued_for: Option<String>,
+) -> Result<Issued> {
+    let (duration, note) = effective_duration(requested, step.aws.role_chaining);
+    // A session is reused only if it was issued for exactly this role, name, lifetime and policy.
+    let wanted_for = digest(&format!(
+        "{role_arn}\n{session_name}\n{}\n{}",
+        duration.as_secs(),
+        step.plan.policy.to_compact_json()
+    ));
+    let current = current.filter(|_| issued_for.as_deref() == Some(wanted_for.as_str()));
+    let uid = step.grant.uid().unwrap_or_default();
+    let seed = u64::from_str_radix(&digest(&uid)[..12], 16).unwrap_or_default();
+    let fraction = step.ctx.config.sts_refresh_fraction;
+    let refresh = |c: &Credentials| {
+        c.expiration
+            .map(|exp| refresh_at(exp, duration, fraction, seed))
+    };
+    let (credentials, changed) = match current {
+        Some(current) if refresh(&current).is_some_and(|due| step.now < due) => (current, None),
+        previous => {
+            let fresh = assume_role(
+                &step.aws.sts,
+                role_arn,
+                session_name,
+                &step.plan.policy,
+                duration,
+            )
+            .await?;
+            (
+                fresh,
+                Some(if previous.is_some() {
+                    "Refreshed"
+                } else {
+                    "Issued"
+                }),
+            )
+        }
+    };
+    step.write_secret(&credentials, &wanted_for).await?;
+    Ok(Issued {
+        next_due: refresh(&credentials).unwrap_or(step.now),
+        credentials,
+        changed,
+        note,
+        handled_rotation_request: rotation_request(step.grant),
     })
 }
 

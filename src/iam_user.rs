@@ -52,15 +52,11 @@ pub fn decide_key_actions(
     let mut sorted: Vec<&AccessKey> = keys.iter().collect();
     sorted.sort_by_key(|k| (k.created, k.id.clone()));
     let current_key = current.and_then(|id| sorted.iter().copied().find(|k| k.id == id));
-    let grace = jiff::SignedDuration::try_from(grace).unwrap_or(jiff::SignedDuration::MAX);
 
     let mut actions = KeyActions::default();
     match current_key {
         Some(current_key) => {
-            let retire_at = current_key
-                .created
-                .saturating_add(grace)
-                .unwrap_or(Timestamp::MAX);
+            let retire_at = crate::validate::later(current_key.created, grace);
             for key in sorted.iter().filter(|k| k.id != current_key.id) {
                 // Same-second ties count as previous keys: kept through the grace, never cut short.
                 let orphan = key.created > current_key.created;
@@ -96,6 +92,11 @@ pub fn decide_key_actions(
         }
     }
     actions
+}
+
+/// Whether a key created at `created` is due for its scheduled rotation.
+pub fn rotation_due(created: Timestamp, rotate_every: Option<Duration>, now: Timestamp) -> bool {
+    rotate_every.is_some_and(|period| now >= crate::validate::later(created, period))
 }
 
 /// Ensures the user exists with our tags, path and boundary. Returns false when it had to be created.
@@ -453,6 +454,17 @@ mod tests {
 
     fn at(hours: i64) -> Timestamp {
         Timestamp::from_second(hours * 3600).unwrap()
+    }
+
+    #[test]
+    fn scheduled_rotation_is_due_once_the_period_has_passed() {
+        assert!(!rotation_due(at(0), Some(HOUR), at(0)));
+        assert!(rotation_due(at(0), Some(HOUR), at(1)));
+        assert!(
+            !rotation_due(at(0), None, at(10_000)),
+            "no schedule: only on request"
+        );
+        assert!(!rotation_due(at(0), Some(Duration::MAX), at(10_000)));
     }
 
     #[test]

@@ -230,6 +230,14 @@ pub fn parse_bounded_duration(
     Ok(duration)
 }
 
+/// `at` plus `by`, saturating at the end of time instead of overflowing.
+pub fn later(at: jiff::Timestamp, by: Duration) -> jiff::Timestamp {
+    jiff::SignedDuration::try_from(by)
+        .ok()
+        .and_then(|by| at.checked_add(by).ok())
+        .unwrap_or(jiff::Timestamp::MAX)
+}
+
 /// Formats a duration the way [`parse_duration`] reads it.
 pub fn format_duration(duration: Duration) -> String {
     let secs = duration.as_secs();
@@ -378,6 +386,17 @@ mod tests {
         assert_eq!(
             message,
             "invalid duration \"13h\": must be between 15m and 12h"
+        );
+    }
+
+    #[test]
+    fn later_saturates() {
+        let start = jiff::Timestamp::from_second(100).unwrap();
+        assert_eq!(later(start, Duration::from_secs(50)).as_second(), 150);
+        assert_eq!(later(start, Duration::MAX), jiff::Timestamp::MAX);
+        assert_eq!(
+            later(jiff::Timestamp::MAX, Duration::from_secs(1)),
+            jiff::Timestamp::MAX
         );
     }
 
