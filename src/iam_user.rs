@@ -201,47 +201,10 @@ pub async fn ensure_policy(
     policy: &PolicyDocument,
     known_new: bool,
 ) -> Result<bool> {
-    let mut changed = false;
     if !known_new {
-        let names = iam
-            .list_user_policies()
-            .user_name(user_name)
-            .send()
-            .await
-            .map_err(aws_error("iam:ListUserPolicies"))?
-            .policy_names;
-        for name in names.iter().filter(|n| *n != INLINE_POLICY_NAME) {
-            iam.delete_user_policy()
-                .user_name(user_name)
-                .policy_name(name)
-                .send()
-                .await
-                .map_err(aws_error("iam:DeleteUserPolicy"))?;
-            changed = true;
-        }
-        let attached = iam
-            .list_attached_user_policies()
-            .user_name(user_name)
-            .send()
-            .await
-            .map_err(aws_error("iam:ListAttachedUserPolicies"))?;
-        for arn in attached
-            .attached_policies()
-            .iter()
-            .filter_map(|p| p.policy_arn())
-        {
-            iam.detach_user_policy()
-                .user_name(user_name)
-                .policy_arn(arn)
-                .send()
-                .await
-                .map_err(aws_error("iam:DetachUserPolicy"))?;
-            changed = true;
-        }
-        if names.iter().any(|n| n == INLINE_POLICY_NAME)
-            && current_policy(iam, user_name).await?.as_ref() == Some(policy)
-        {
-            return Ok(changed);
+        let (kept, removed) = strip_policies(iam, user_name, Some(INLINE_POLICY_NAME)).await?;
+        if kept && current_policy(iam, user_name).await?.as_ref() == Some(policy) {
+            return Ok(removed);
         }
     }
     iam.put_user_policy()
@@ -252,6 +215,53 @@ pub async fn ensure_policy(
         .await
         .map_err(aws_error("iam:PutUserPolicy"))?;
     Ok(true)
+}
+
+/// Deletes every inline policy but `keep` and detaches every managed policy. Returns
+/// whether `keep` is there, and whether anything was removed.
+async fn strip_policies(
+    iam: &aws_sdk_iam::Client,
+    user_name: &str,
+    keep: Option<&str>,
+) -> Result<(bool, bool)> {
+    let names = iam
+        .list_user_policies()
+        .user_name(user_name)
+        .send()
+        .await
+        .map_err(aws_error("iam:ListUserPolicies"))?
+        .policy_names;
+    let mut removed = false;
+    for name in names.iter().filter(|n| Some(n.as_str()) != keep) {
+        let result = iam
+            .delete_user_policy()
+            .user_name(user_name)
+            .policy_name(name)
+            .send()
+            .await;
+        removed |= unless_gone(result, "iam:DeleteUserPolicy")?;
+    }
+    let attached = iam
+        .list_attached_user_policies()
+        .user_name(user_name)
+        .send()
+        .await
+        .map_err(aws_error("iam:ListAttachedUserPolicies"))?;
+    for arn in attached
+        .attached_policies()
+        .iter()
+        .filter_map(|p| p.policy_arn())
+    {
+        let result = iam
+            .detach_user_policy()
+            .user_name(user_name)
+            .policy_arn(arn)
+            .send()
+            .await;
+        removed |= unless_gone(result, "iam:DetachUserPolicy")?;
+    }
+    let kept = names.iter().any(|n| Some(n.as_str()) == keep);
+    Ok((kept, removed))
 }
 
 async fn current_policy(
@@ -393,41 +403,7 @@ pub async fn delete_user(iam: &aws_sdk_iam::Client, user_name: &str, uid: &str) 
     for key in list_keys(iam, user_name).await? {
         delete_key(iam, user_name, &key.id).await?;
     }
-    let names = iam
-        .list_user_policies()
-        .user_name(user_name)
-        .send()
-        .await
-        .map_err(aws_error("iam:ListUserPolicies"))?
-        .policy_names;
-    for name in names {
-        let result = iam
-            .delete_user_policy()
-            .user_name(user_name)
-            .policy_name(&name)
-            .send()
-            .await;
-        unless_gone(result, "iam:DeleteUserPolicy")?;
-    }
-    let attached = iam
-        .list_attached_user_policies()
-        .user_name(user_name)
-        .send()
-        .await
-        .map_err(aws_error("iam:ListAttachedUserPolicies"))?;
-    for arn in attached
-        .attached_policies()
-        .iter()
-        .filter_map(|p| p.policy_arn())
-    {
-        let result = iam
-            .detach_user_policy()
-            .user_name(user_name)
-            .policy_arn(arn)
-            .send()
-            .await;
-        unless_gone(result, "iam:DetachUserPolicy")?;
-    }
+    strip_policies(iam, user_name, None).await?;
     unless_gone(
         iam.delete_user().user_name(user_name).send().await,
         "iam:DeleteUser",
