@@ -259,7 +259,6 @@ async fn apply(grant: &S3Grant, ctx: &Context) -> Result<Action> {
 async fn issue(grant: &S3Grant, ctx: &Context, now: Timestamp) -> Result<(GrantPlan, Issued)> {
     let namespace = grant.namespace().unwrap_or_default();
     let classes = ctx.classes.state();
-    let classes: Vec<S3GrantClass> = classes.iter().map(|c| (**c).clone()).collect();
     let class = select_class(grant.spec.class_name.as_deref(), &classes)?;
     let labels = if class.spec.namespace_selector.is_some() {
         namespace_labels(ctx, &namespace).await?
@@ -679,7 +678,6 @@ async fn revoke_grant(grant: &S3Grant, ctx: &Context) -> Result<()> {
     let had_user = grant.status.as_ref().is_some_and(|s| s.iam_user.is_some());
     if had_user {
         let classes = ctx.classes.state();
-        let classes: Vec<S3GrantClass> = classes.iter().map(|c| (**c).clone()).collect();
         let used = grant
             .status
             .as_ref()

@@ -1,6 +1,7 @@
 //! Which class applies to a grant, and whether that class permits it. Pure: the
 //! controller calls this before anything touches AWS, so a refused grant costs no AWS call.
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -12,19 +13,21 @@ use crate::validate::{parse_duration, parse_prefixes, BucketName, Prefix, MAX_SE
 const NAMESPACE_PLACEHOLDER: &str = "{namespace}";
 
 /// The class a grant uses: the one it names, or the single default class.
-pub fn select_class<'a>(
+/// `classes` may hold the classes themselves or `Arc`s of them (the controller's cache).
+pub fn select_class<'a, C: Borrow<S3GrantClass>>(
     class_name: Option<&str>,
-    classes: &'a [S3GrantClass],
+    classes: &'a [C],
 ) -> Result<&'a S3GrantClass> {
+    let classes = classes.iter().map(Borrow::borrow);
     if let Some(wanted) = class_name {
         return classes
-            .iter()
+            .clone()
             .find(|c| c.metadata.name.as_deref() == Some(wanted))
             .ok_or_else(|| {
                 Error::ClassNotFound(format!("S3GrantClass {} does not exist", shown(wanted)))
             });
     }
-    let defaults: Vec<&S3GrantClass> = classes.iter().filter(|c| c.is_default()).collect();
+    let defaults: Vec<&S3GrantClass> = classes.filter(|c| c.is_default()).collect();
     match defaults.as_slice() {
         [only] => Ok(only),
         [] => Err(Error::ClassNotFound(
