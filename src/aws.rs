@@ -276,3 +276,70 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod classification_tests {
+    use super::*;
+    use aws_smithy_http_client::test_util::{ReplayEvent, StaticReplayClient};
+    use aws_smithy_types::body::SdkBody;
+
+    /// One IAM GetUser answered with `status` and `body`, without retries.
+    async fn get_user_failure(status: u16, body: &str) -> Error {
+        let replay = StaticReplayClient::new(vec![ReplayEvent::new(
+            http::Request::builder()
+                .uri("https://iam.amazonaws.com/")
+                .body(SdkBody::empty())
+                .unwrap(),
+            http::Response::builder()
+                .status(status)
+                .body(SdkBody::from(body.to_string()))
+                .unwrap(),
+        )]);
+        let config = aws_sdk_iam::Config::builder()
+            .behavior_version(aws_sdk_iam::config::BehaviorVersion::latest())
+            .region(aws_sdk_iam::config::Region::new("us-east-1"))
+            .credentials_provider(aws_credential_types::Credentials::for_tests())
+            .retry_config(RetryConfig::disabled())
+            .http_client(replay)
+            .build();
+        aws_sdk_iam::Client::from_conf(config)
+            .get_user()
+            .user_name("u")
+            .send()
+            .await
+            .map_err(aws_error("iam:GetUser"))
+            .unwrap_err()
+    }
+
+    fn iam_error(code: &str) -> String {
+        format!("<ErrorResponse><Error><Type>Sender</Type><Code>{code}</Code><Message>{code} happened</Message></Error></ErrorResponse>")
+    }
+
+    #[tokio::test]
+    async fn throttling_and_server_errors_are_transient() {
+        for (status, body) in [
+            (400, iam_error("Throttling")),
+            (500, iam_error("ServiceFailure")),
+            (503, String::new()),
+        ] {
+            let error = get_user_failure(status, &body).await;
+            assert_eq!(error.category(), "AwsTransient", "{status}: {error}");
+            assert!(!error.is_user_error());
+        }
+    }
+
+    #[tokio::test]
+    async fn refusals_are_reported_not_retried_soon() {
+        let error = get_user_failure(403, &iam_error("AccessDenied")).await;
+        assert_eq!(error.category(), "AwsError");
+        assert!(
+            error
+                .to_string()
+                .contains("iam:GetUser failed: AccessDenied happened"),
+            "{error}"
+        );
+        // Ceph RGW answers unsupported IAM calls with a body the SDK cannot parse.
+        let rgw = get_user_failure(405, "<Error><Code>MethodNotAllowed</Code></Error>").await;
+        assert_eq!(rgw.category(), "AwsError", "{rgw}");
+    }
+}
