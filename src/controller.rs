@@ -2,7 +2,7 @@
 //! check the Secret → ensure AWS → write the Secret → write status → requeue at the next
 //! deadline. Deleting a grant runs `cleanup` behind a finalizer.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -103,6 +103,18 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     default_chain_is_role: OnceCell<bool>,
+    /// IAM-user grants whose AWS side was checked, by uid: see [`Verified`].
+    verified: std::sync::Mutex<HashMap<String, Verified>>,
+}
+
+/// An IAM-user grant whose user, policy and keys were checked in AWS. Until `next_due`,
+/// a reconcile of the same grant (same generation, annotations and class) whose Secret
+/// still holds `access_key_id` needs no AWS call: that is the reconcile our own Secret
+/// write triggers. Drift in AWS is looked for at `next_due` (at most the resync period).
+struct Verified {
+    fingerprint: String,
+    access_key_id: String,
+    next_due: Timestamp,
 }
 
 impl Context {
@@ -289,8 +301,13 @@ async fn issue(grant: &S3Grant, ctx: &Context, now: Timestamp) -> Result<(GrantP
     };
 
     let aws = ctx.aws_for(class).await?;
+    let fingerprint = digest(&format!(
+        "{uid}\n{:?}\n{:?}\n{:?}",
+        grant.metadata.generation, grant.metadata.annotations, class.metadata.resource_version
+    ));
     let step = Step {
         grant,
+        fingerprint,
         ctx,
         aws: &aws,
         plan: &plan,
@@ -341,6 +358,8 @@ async fn issue(grant: &S3Grant, ctx: &Context, now: Timestamp) -> Result<(GrantP
 /// What one issue step works with.
 struct Step<'a> {
     grant: &'a S3Grant,
+    /// What the grant's AWS side depends on besides its Secret: uid, generation, annotations, class.
+    fingerprint: String,
     ctx: &'a Context,
     aws: &'a AwsClients,
     plan: &'a GrantPlan,
@@ -370,6 +389,28 @@ async fn issue_iam_user(
     current: Option<Credentials>,
 ) -> Result<Issued> {
     let (aws, config, now) = (step.aws, &step.ctx.config, step.now);
+    let uid = step.grant.uid().unwrap_or_default();
+    let requested = rotation_request(step.grant);
+    if let Some(current) = &current {
+        let verified = step
+            .ctx
+            .verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(entry) = verified.get(&uid).filter(|v| {
+            v.fingerprint == step.fingerprint
+                && v.access_key_id == current.access_key_id
+                && now < v.next_due
+        }) {
+            return Ok(Issued {
+                credentials: current.clone(),
+                changed: None,
+                next_due: entry.next_due,
+                note: None,
+                handled_rotation_request: requested,
+            });
+        }
+    }
     let existed = ensure_user(&aws.iam, step.plan).await?;
     ensure_policy(&aws.iam, user_name, &step.plan.policy, !existed).await?;
     let keys = if existed {
@@ -380,7 +421,6 @@ async fn issue_iam_user(
     let current_key = current
         .as_ref()
         .and_then(|c| keys.iter().find(|k| k.id == c.access_key_id));
-    let requested = rotation_request(step.grant);
     let handled = step
         .grant
         .status
@@ -420,10 +460,23 @@ async fn issue_iam_user(
         deadlines.push(later(now, config.key_grace_period));
     }
     deadlines.extend(rotate_every.map(|period| later(created_at, period)));
+    let next_due = deadlines.into_iter().min().unwrap_or(now);
+    step.ctx
+        .verified
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(
+            uid,
+            Verified {
+                fingerprint: step.fingerprint.clone(),
+                access_key_id: credentials.access_key_id.clone(),
+                next_due,
+            },
+        );
     Ok(Issued {
         credentials,
         changed,
-        next_due: deadlines.into_iter().min().unwrap_or(now),
+        next_due,
         note: None,
         handled_rotation_request: requested,
     })
@@ -713,6 +766,12 @@ async fn cleanup(grant: &S3Grant, ctx: &Context) -> Result<Action> {
     revoke_grant(grant, ctx).await?;
     ctx.metrics
         .forget(&grant.namespace().unwrap_or_default(), &grant.name_any());
+    if let Some(uid) = grant.uid() {
+        ctx.verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&uid);
+    }
     tracing::info!(grant = %grant.name_any(), namespace = grant.namespace().as_deref().unwrap_or(""), "grant deleted; AWS side cleaned up");
     Ok(Action::await_change())
 }
@@ -819,6 +878,7 @@ pub async fn run(
         classes: class_store,
         metrics: metrics.clone(),
         default_chain_is_role: OnceCell::new(),
+        verified: Default::default(),
     });
     let owned_secrets = watcher(
         secret_metadata,

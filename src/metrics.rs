@@ -135,7 +135,10 @@ impl Metrics {
             namespace: namespace.into(),
             grant: grant.into(),
         };
-        let mut expirations = self.expirations.lock().expect("metrics lock");
+        let mut expirations = self
+            .expirations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match expiration {
             Some(at) => {
                 expirations.insert(labels, at);
@@ -154,7 +157,12 @@ impl Metrics {
     /// The metrics in Prometheus text format, with expiry gauges computed now.
     pub fn render(&self) -> String {
         let now = Timestamp::now();
-        for (labels, at) in self.expirations.lock().expect("metrics lock").iter() {
+        for (labels, at) in self
+            .expirations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+        {
             self.seconds_until_expiry
                 .get_or_create(labels)
                 .set(at.as_second() - now.as_second());

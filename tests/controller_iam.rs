@@ -112,6 +112,19 @@ async fn iam_user_grant_works_inside_its_prefix_and_is_removed_on_delete() {
         "no secret in status"
     );
 
+    // Issuing took GetUser, CreateUser, PutUserPolicy, CreateAccessKey; the reconcile that
+    // its own Secret write triggers costs nothing more.
+    wait_for(
+        READY_TIMEOUT,
+        "the reconcile the Secret write triggers",
+        || {
+            let operator = &operator;
+            async move { (operator.counter("s3grant_reconciles_total").await >= 2).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(operator.aws_calls_to("IAM").await, 4, "IAM calls to issue");
+
     let issued = events(&s.bed.kube, &s.namespace).await;
     assert!(
         issued

@@ -501,6 +501,17 @@ impl Operator {
         .await;
     }
 
+    /// AWS calls this operator made to one service ("IAM", "STS"), from its /metrics.
+    pub async fn aws_calls_to(&self, service: &str) -> u64 {
+        let label = format!("service=\"{service}\"");
+        self.metrics()
+            .await
+            .lines()
+            .filter(|l| l.starts_with("s3grant_aws_calls_total{") && l.contains(&label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
     /// Total AWS calls this operator made, from its /metrics.
     pub async fn aws_calls(&self) -> u64 {
         self.metrics()
