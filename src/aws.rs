@@ -69,12 +69,15 @@ pub async fn load_base_config() -> SdkConfig {
 }
 
 /// Clients for the class's backend: its region and endpoint, and the keys in its
-/// credentials Secret when it names one.
+/// credentials Secret when it names one. Whether the default chain gives role
+/// credentials is resolved once (`default_chain_is_role`): calling the provider directly
+/// bypasses the SDK's identity cache, so it must not happen on every reconcile.
 pub async fn clients_for(
     base: &SdkConfig,
     class: &S3GrantClass,
     secrets: impl Fn(&str) -> Api<Secret>,
     metrics: Arc<Metrics>,
+    default_chain_is_role: &tokio::sync::OnceCell<bool>,
 ) -> Result<AwsClients> {
     let backend = &class.spec.backend;
     let class_name = class.metadata.name.clone().unwrap_or_default();
@@ -88,24 +91,40 @@ pub async fn clients_for(
     if let Some(endpoint) = &backend.endpoint {
         config.set_endpoint_url(Some(endpoint.clone()));
     }
-    if let Some(reference) = &backend.credentials_secret_ref {
-        let credentials =
-            read_backend_credentials(&secrets(&reference.namespace), &class_name, &reference.name)
-                .await?;
-        config.set_credentials_provider(Some(SharedCredentialsProvider::new(credentials)));
-    }
-    let config = config.build();
-    let role_chaining = match config.credentials_provider() {
-        Some(provider) => provider
-            .provide_credentials()
-            .await
-            .map(|c| c.session_token().is_some())
-            .map_err(|e| Error::ClassMisconfigured {
-                class: class_name.clone(),
-                reason: format!("the operator has no AWS credentials for this backend: {e}"),
-            })?,
-        None => false,
+    let role_chaining = match &backend.credentials_secret_ref {
+        Some(reference) => {
+            let credentials = read_backend_credentials(
+                &secrets(&reference.namespace),
+                &class_name,
+                &reference.name,
+            )
+            .await?;
+            let has_token = credentials.session_token().is_some();
+            config.set_credentials_provider(Some(SharedCredentialsProvider::new(credentials)));
+            has_token
+        }
+        None => {
+            let provider = base.credentials_provider();
+            *default_chain_is_role
+                .get_or_try_init(|| async move {
+                    match provider {
+                        Some(provider) => provider
+                            .provide_credentials()
+                            .await
+                            .map(|c| c.session_token().is_some())
+                            .map_err(|e| Error::ClassMisconfigured {
+                                class: class_name.clone(),
+                                reason: format!(
+                                    "the operator has no AWS credentials for this backend: {e}"
+                                ),
+                            }),
+                        None => Ok(false),
+                    }
+                })
+                .await?
+        }
     };
+    let config = config.build();
     let iam = aws_sdk_iam::Client::from_conf(
         aws_sdk_iam::config::Builder::from(&config)
             .interceptor(AwsCallCounter(metrics.clone()))

@@ -124,20 +124,14 @@ impl Context {
 
     async fn aws_for(&self, class: &S3GrantClass) -> Result<AwsClients> {
         let client = self.client.clone();
-        let mut clients = clients_for(
+        clients_for(
             &self.aws_base,
             class,
             |ns| Api::namespaced(client.clone(), ns),
             self.metrics.clone(),
+            &self.default_chain_is_role,
         )
-        .await?;
-        if class.spec.backend.credentials_secret_ref.is_none() {
-            clients.role_chaining = *self
-                .default_chain_is_role
-                .get_or_init(|| async { clients.role_chaining })
-                .await;
-        }
-        Ok(clients)
+        .await
     }
 
     async fn publish(&self, grant: &S3Grant, type_: EventType, reason: &str, note: String) {

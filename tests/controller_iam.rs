@@ -50,16 +50,7 @@ impl Setup {
     }
 
     async fn users(&self) -> Vec<String> {
-        let out = iam_admin(&self.bed.moto)
-            .list_users()
-            .path_prefix(&self.iam_path)
-            .send()
-            .await
-            .unwrap();
-        out.users()
-            .iter()
-            .map(|u| u.user_name().to_string())
-            .collect()
+        iam_users_under(&self.bed.moto, &self.iam_path).await
     }
 
     async fn key_count(&self, user: &str) -> usize {

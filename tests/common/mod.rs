@@ -581,3 +581,17 @@ pub async fn wait_gone(client: &Client, namespace: &str, name: &str) {
     )
     .await;
 }
+
+/// The IAM users under `path` on a testbed server, by name.
+pub async fn iam_users_under(target: &AwsTarget, path: &str) -> Vec<String> {
+    let out = iam_admin(target)
+        .list_users()
+        .path_prefix(path)
+        .send()
+        .await
+        .expect("ListUsers");
+    out.users()
+        .iter()
+        .map(|u| u.user_name().to_string())
+        .collect()
+}
