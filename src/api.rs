@@ -13,6 +13,8 @@ pub const FINALIZER: &str = "s3grant.io/cleanup";
 pub const FIELD_MANAGER: &str = "s3grant";
 pub const DEFAULT_CLASS_ANNOTATION: &str = "s3grant.io/is-default-class";
 pub const ROTATE_REQUESTED_ANNOTATION: &str = "s3grant.io/rotate-requested-at";
+/// Finalizer on classes a grant holds something on: the class stays until its grants let go.
+pub const CLASS_FINALIZER: &str = "s3grant.io/grants";
 pub const MANAGED_BY_LABEL: (&str, &str) = ("app.kubernetes.io/managed-by", "s3grant");
 
 /// What the credentials may do inside the bucket and prefix.
@@ -168,6 +170,34 @@ pub struct S3GrantStatus {
     /// Size of the compiled policy as IAM counts it (characters, whitespace excluded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_size: Option<i64>,
+    /// Everything s3grant holds in AWS for this grant, each with the backend it lives on.
+    /// An entry is written before its object is created and removed only once the object
+    /// is gone, so nothing s3grant creates is ever out of its reach.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<Held>,
+}
+
+/// One object s3grant holds in AWS for a grant (today: an IAM user with its keys and
+/// policies; STS sessions cannot be revoked and are not held).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Held {
+    /// What it is: IamUser.
+    pub kind: HeldKind,
+    /// Its name (the IAM user name).
+    pub name: String,
+    /// The class whose backend it lives on.
+    pub class_name: String,
+    /// Which of that class's backends (an id listed in the class's status.backends).
+    pub backend: String,
+    /// The id AWS gave it (IAM's UserId), once known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum HeldKind {
+    IamUser,
 }
 
 /// A condition in the Kubernetes API conventions' shape.
@@ -198,6 +228,7 @@ pub struct Condition {
     group = "s3grant.io",
     version = "v1alpha1",
     kind = "S3GrantClass",
+    status = "S3GrantClassStatus",
     shortname = "s3gc",
     doc = "S3GrantClass says where S3Grant credentials come from and what tenants may ask for.",
     printcolumn = r#"{"name":"Buckets","type":"string","jsonPath":".spec.buckets"}"#,
@@ -243,6 +274,30 @@ pub struct S3GrantClassSpec {
     pub allow_iam_users: Option<bool>,
 }
 
+/// What s3grant records about a class: every backend it has pointed at while grants
+/// held something there, so a grant can still be cleaned up after the class moved on.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct S3GrantClassStatus {
+    /// The backends of this class, oldest first; the last one is the current one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<BackendRecord>,
+}
+
+/// Where a backend is and how the operator reaches it (never a secret value).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendRecord {
+    /// A digest of the fields below; grants' status.held entries name it.
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretReference>,
+}
+
 /// The AWS (or S3-compatible) side of a class.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -273,7 +328,7 @@ pub struct Backend {
 }
 
 /// Names a Secret in a namespace.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct SecretReference {
     /// The Secret's namespace.
     pub namespace: String,

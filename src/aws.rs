@@ -15,7 +15,7 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
 
-use crate::api::{S3GrantClass, DEFAULT_REGION};
+use crate::api::{BackendRecord, DEFAULT_REGION};
 use crate::error::{Error, Result};
 use crate::metrics::{AwsCallCounter, Metrics};
 
@@ -68,19 +68,20 @@ pub async fn load_base_config() -> SdkConfig {
         .await
 }
 
-/// Clients for the class's backend: its region and endpoint, and the keys in its
-/// credentials Secret when it names one. Whether the default chain gives role
-/// credentials is resolved once (`default_chain_is_role`): calling the provider directly
-/// bypasses the SDK's identity cache, so it must not happen on every reconcile.
+/// Clients for a backend (of the class `class_name`, for messages): its region and
+/// endpoint, and the keys in its credentials Secret when it names one. Whether the
+/// default chain gives role credentials is resolved once (`default_chain_is_role`):
+/// calling the provider directly bypasses the SDK's identity cache, so it must not
+/// happen on every reconcile.
 pub async fn clients_for(
     base: &SdkConfig,
-    class: &S3GrantClass,
+    backend: &BackendRecord,
+    class_name: &str,
     secrets: impl Fn(&str) -> Api<Secret>,
     metrics: Arc<Metrics>,
     default_chain_is_role: &tokio::sync::OnceCell<bool>,
 ) -> Result<AwsClients> {
-    let backend = &class.spec.backend;
-    let class_name = class.metadata.name.clone().unwrap_or_default();
+    let class_name = class_name.to_string();
     let mut config = base.to_builder();
     config.set_region(Some(Region::new(
         backend

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -10,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::guardrails::check_permitted;
 use crate::plan::{parse_manifest, plan_grant};
 use crate::policy::build_policy;
+use crate::request::GrantRequest;
 use crate::validate::{parse_prefixes, BucketName};
 
 #[derive(Debug, Parser)]
@@ -26,13 +28,79 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the controller.
-    Run(crate::controller::Config),
+    Run(RunConfig),
     /// Print the CustomResourceDefinitions (the files in crds/ are generated from this).
     Crd(CrdArgs),
     /// Print the IAM policy for a bucket, like `s3-credentials policy`.
     Policy(PolicyArgs),
     /// Show what the operator would do for a grant, without a cluster or AWS.
     Plan(PlanArgs),
+}
+
+/// `s3grant run` flags; each also reads an environment variable.
+#[derive(Clone, Debug, Args)]
+pub struct RunConfig {
+    /// Grants reconciled at once (IAM rate-limits its API).
+    #[arg(long, env = "S3GRANT_CONCURRENCY", default_value_t = 4)]
+    pub concurrency: u16,
+    /// How long a replaced access key stays valid after a rotation, for pods still using it.
+    #[arg(long, env = "S3GRANT_KEY_GRACE_PERIOD", default_value = "24h", value_parser = duration_arg)]
+    pub key_grace_period: Duration,
+    /// How often an unchanged IAM-user grant is checked for drift in AWS, and how often
+    /// IAM users whose grant is gone are swept.
+    #[arg(long, env = "S3GRANT_RESYNC_PERIOD", default_value = "1h", value_parser = duration_arg)]
+    pub resync_period: Duration,
+    /// The fraction of an STS session's lifetime after which it is re-minted (0.05 to 0.9).
+    #[arg(long, env = "S3GRANT_STS_REFRESH_FRACTION", default_value_t = crate::sts_session::DEFAULT_REFRESH_FRACTION, value_parser = fraction_arg)]
+    pub sts_refresh_fraction: f64,
+    /// This cluster's identity, tagged on every IAM user, so that clusters sharing an AWS
+    /// account never sweep each other's users. Default: the uid of the kube-system namespace.
+    #[arg(long, env = "S3GRANT_CLUSTER_ID")]
+    pub cluster_id: Option<String>,
+    /// The age an IAM user must reach before the sweep may delete it for a missing grant
+    /// (IAM is eventually consistent: a new user can be invisible to reads for a while).
+    #[arg(long, env = "S3GRANT_SWEEP_MIN_AGE", default_value = "10m", value_parser = duration_arg)]
+    pub sweep_min_age: Duration,
+    /// Address of the admin server (/livez, /readyz, /metrics).
+    #[arg(long, env = "S3GRANT_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
+    pub admin_addr: std::net::SocketAddr,
+    /// Only reconcile grants in this namespace (all namespaces when unset).
+    #[arg(long, env = "S3GRANT_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "S3GRANT_LOG_JSON")]
+    pub log_json: bool,
+    /// Take a coordination.k8s.io Lease before acting, for running more than one replica.
+    #[arg(long, env = "S3GRANT_LEADER_ELECTION")]
+    pub leader_election: bool,
+    /// Namespace of the leader-election Lease.
+    #[arg(
+        long,
+        env = "S3GRANT_LEASE_NAMESPACE",
+        default_value = "s3grant-system"
+    )]
+    pub lease_namespace: String,
+    /// How long a leader's Lease lasts without renewal.
+    #[arg(long, env = "S3GRANT_LEASE_DURATION", default_value = "15s", value_parser = duration_arg)]
+    pub lease_duration: Duration,
+    /// This replica's identity in the Lease (the pod name in a Deployment).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+}
+
+fn fraction_arg(text: &str) -> std::result::Result<f64, String> {
+    let value: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number"))?;
+    if (0.05..=0.9).contains(&value) {
+        Ok(value)
+    } else {
+        Err("must be between 0.05 and 0.9".into())
+    }
+}
+
+fn duration_arg(text: &str) -> std::result::Result<Duration, String> {
+    crate::validate::parse_duration(text)
 }
 
 #[derive(Debug, Args)]
@@ -120,17 +188,17 @@ pub fn plan(args: &PlanArgs) -> Result<String> {
         grant.metadata.uid = Some("uid-assigned-at-creation".into());
         notes.push("names end in a hash of the uid the API server assigns; shown here for a placeholder uid");
     }
+    let request = GrantRequest::parse(&grant)?;
     let class = match &args.class {
         Some(path) => {
             let class: S3GrantClass = parse_manifest("S3GrantClass manifest", &read(path)?)?;
-            let namespace = grant.metadata.namespace.clone().unwrap_or_default();
             let labels: BTreeMap<String, String> = args.namespace_labels.iter().cloned().collect();
             let mut checked = class.clone();
             if class.spec.namespace_selector.is_some() && labels.is_empty() {
                 checked.spec.namespace_selector = None;
                 notes.push("the class's namespaceSelector was not checked: give the namespace's labels with --namespace-label");
             }
-            check_permitted(&checked, &namespace, &labels, &grant.spec)?;
+            check_permitted(&checked, &labels, &request)?;
             class
         }
         None => {
@@ -138,7 +206,7 @@ pub fn plan(args: &PlanArgs) -> Result<String> {
             assumed_class()
         }
     };
-    let plan = plan_grant(&grant, &class)?;
+    let plan = plan_grant(&request, &class, None)?;
     let mut out = plan.describe();
     for note in notes {
         out.push_str(&format!("note: {note}\n"));
@@ -176,7 +244,7 @@ fn read(path: &PathBuf) -> Result<String> {
 mod tests {
     use super::*;
 
-    fn run_config(args: &[&str]) -> crate::controller::Config {
+    fn run_config(args: &[&str]) -> RunConfig {
         match Cli::try_parse_from(args).unwrap().command {
             Command::Run(config) => config,
             other => panic!("{other:?}"),

@@ -36,6 +36,9 @@ pub enum Error {
     #[error("cannot choose a default S3GrantClass: {0}")]
     AmbiguousDefaultClass(String),
 
+    #[error("no S3GrantClass for this grant: {0}; the credentials already issued are kept until a default class exists or their class is deleted")]
+    NoDefaultClass(String),
+
     #[error("cannot revoke: {0}")]
     RevokeBlocked(String),
 
@@ -47,6 +50,13 @@ pub enum Error {
 
     #[error("Secret {namespace}/{name} exists and is not owned by this grant; it is left alone")]
     SecretConflict { namespace: String, name: String },
+
+    #[error("Secret {namespace}/{name} cannot be written: {reason}; nothing was created in AWS")]
+    SecretUnwritable {
+        namespace: String,
+        name: String,
+        reason: String,
+    },
 
     #[error(
         "IAM user {user} exists but was not created by s3grant for this grant; it is left alone"
@@ -84,10 +94,12 @@ impl Error {
             Error::PolicyTooLarge { .. } => "PolicyTooLarge",
             Error::ClassNotFound(_) => "ClassNotFound",
             Error::AmbiguousDefaultClass(_) => "AmbiguousDefaultClass",
+            Error::NoDefaultClass(_) => "NoDefaultClass",
             Error::RevokeBlocked(_) => "RevokeBlocked",
             Error::ClassMisconfigured { .. } => "ClassMisconfigured",
             Error::NotPermitted { .. } => "NotPermitted",
             Error::SecretConflict { .. } => "SecretConflict",
+            Error::SecretUnwritable { .. } => "SecretUnwritable",
             Error::ForeignIamUser { .. } => "IamUserConflict",
             Error::Aws {
                 transient: true, ..
@@ -108,20 +120,29 @@ impl Error {
         )
     }
 
-    /// How long to wait before the next attempt.
-    pub fn requeue_after(&self) -> Duration {
-        match self {
+    /// How long to wait before attempt `attempt + 1` (the first retry is attempt 1):
+    /// doubling from a base that fits the error, up to a cap, so a grant that cannot
+    /// converge never loops on AWS. Errors that only a change can fix (and a change
+    /// wakes the grant at once) wait long.
+    pub fn retry_delay(&self, attempt: u32) -> Duration {
+        const MINUTE: u64 = 60;
+        let (base, cap) = match self {
             Error::Aws {
                 transient: true, ..
             }
-            | Error::Kube { .. } => Duration::from_secs(15),
-            Error::Aws { .. } => Duration::from_secs(120),
+            | Error::Kube { .. } => (5, 5 * MINUTE),
+            Error::SecretUnwritable { .. } | Error::RevokeBlocked(_) => (15, 10 * MINUTE),
+            Error::Aws { .. } => (30, 15 * MINUTE),
             Error::SecretConflict { .. }
             | Error::ClassNotFound(_)
+            | Error::NoDefaultClass(_)
             | Error::AmbiguousDefaultClass(_)
-            | Error::RevokeBlocked(_) => Duration::from_secs(300),
-            _ => Duration::from_secs(900),
-        }
+            | Error::ForeignIamUser { .. }
+            | Error::ClassMisconfigured { .. } => (5 * MINUTE, 30 * MINUTE),
+            _ => (15 * MINUTE, 60 * MINUTE),
+        };
+        let doubled = base.saturating_mul(1u64 << attempt.saturating_sub(1).min(16));
+        Duration::from_secs(doubled.min(cap))
     }
 
     pub fn kube(action: &'static str) -> impl FnOnce(kube::Error) -> Error {
@@ -137,5 +158,32 @@ pub fn shown(text: &str) -> String {
     } else {
         let head: String = text.chars().take(MAX_CHARS).collect();
         format!("{head:?}… ({} bytes)", text.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_exponentially_up_to_a_cap() {
+        let throttled = Error::Aws {
+            operation: "iam:GetUser",
+            code: Some("Throttling".into()),
+            message: "slow down".into(),
+            transient: true,
+        };
+        let delays: Vec<u64> = (1..=9)
+            .map(|n| throttled.retry_delay(n).as_secs())
+            .collect();
+        assert_eq!(delays, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+        assert_eq!(throttled.retry_delay(u32::MAX).as_secs(), 300);
+        let unwritable = Error::SecretUnwritable {
+            namespace: "ns".into(),
+            name: "s".into(),
+            reason: "quota".into(),
+        };
+        assert!(unwritable.retry_delay(1) >= Duration::from_secs(15));
+        assert!(unwritable.retry_delay(30) <= Duration::from_secs(600));
     }
 }

@@ -6,13 +6,15 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
-use crate::api::{Mode, S3GrantClass, S3GrantSpec};
+use crate::api::{Mode, S3GrantClass};
 use crate::error::{shown, Error, Result};
-use crate::validate::{parse_duration, parse_prefixes, BucketName, Prefix, MAX_SESSION_DURATION};
+use crate::request::{GrantRequest, Wanted};
+use crate::validate::{format_duration, parse_duration, Prefix, MAX_SESSION_DURATION};
 
 const NAMESPACE_PLACEHOLDER: &str = "{namespace}";
 
-/// The class a grant uses: the one it names, or the single default class.
+/// The class a grant uses: the one it names, or the single default class. A class being
+/// deleted is not used: its grants are revoked so the class can go.
 /// `classes` may hold the classes themselves or `Arc`s of them (the controller's cache).
 pub fn select_class<'a, C: Borrow<S3GrantClass>>(
     class_name: Option<&str>,
@@ -20,20 +22,33 @@ pub fn select_class<'a, C: Borrow<S3GrantClass>>(
 ) -> Result<&'a S3GrantClass> {
     let classes = classes.iter().map(Borrow::borrow);
     if let Some(wanted) = class_name {
-        return classes
+        let class = classes
             .clone()
             .find(|c| c.metadata.name.as_deref() == Some(wanted))
             .ok_or_else(|| {
                 Error::ClassNotFound(format!("S3GrantClass {} does not exist", shown(wanted)))
-            });
+            })?;
+        if class.metadata.deletion_timestamp.is_some() {
+            return Err(Error::ClassNotFound(format!(
+                "S3GrantClass {} is being deleted",
+                shown(wanted)
+            )));
+        }
+        return Ok(class);
     }
-    let defaults: Vec<&S3GrantClass> = classes.filter(|c| c.is_default()).collect();
-    match defaults.as_slice() {
-        [only] => Ok(only),
-        [] => Err(Error::ClassNotFound(
+    let (deleting, defaults): (Vec<&S3GrantClass>, Vec<&S3GrantClass>) = classes
+        .filter(|c| c.is_default())
+        .partition(|c| c.metadata.deletion_timestamp.is_some());
+    match (defaults.as_slice(), deleting.as_slice()) {
+        ([only], _) => Ok(only),
+        ([], [being_deleted, ..]) => Err(Error::ClassNotFound(format!(
+            "the default S3GrantClass {} is being deleted",
+            being_deleted.metadata.name.as_deref().unwrap_or_default()
+        ))),
+        ([], []) => Err(Error::NoDefaultClass(
             "the grant names no className and no S3GrantClass is marked default".into(),
         )),
-        several => {
+        (several, _) => {
             let names: Vec<&str> = several
                 .iter()
                 .filter_map(|c| c.metadata.name.as_deref())
@@ -50,52 +65,44 @@ pub fn select_class<'a, C: Borrow<S3GrantClass>>(
 /// Checks every rule of the class against the grant. The error says which rule refused it.
 pub fn check_permitted(
     class: &S3GrantClass,
-    namespace: &str,
     namespace_labels: &BTreeMap<String, String>,
-    spec: &S3GrantSpec,
+    request: &GrantRequest,
 ) -> Result<()> {
     let class_name = class.metadata.name.clone().unwrap_or_default();
+    let namespace = request.namespace.as_str();
     let refuse = |reason: String| Error::NotPermitted {
+        class: class_name.clone(),
+        reason,
+    };
+    let misconfigured = |reason: String| Error::ClassMisconfigured {
         class: class_name.clone(),
         reason,
     };
     let rules = &class.spec;
 
     if let Some(selector) = &rules.namespace_selector {
-        if !selector_matches(selector, namespace_labels).map_err(|reason| {
-            Error::ClassMisconfigured {
-                class: class_name.clone(),
-                reason,
-            }
-        })? {
+        if !selector_matches(selector, namespace_labels).map_err(misconfigured)? {
             return Err(refuse(format!(
                 "namespace {namespace} is not selected by the class's namespaceSelector"
             )));
         }
     }
 
-    BucketName::parse(&spec.bucket)?;
-    if !rules.buckets.iter().any(|b| b == &spec.bucket) {
+    if !rules.buckets.iter().any(|b| b == request.bucket.as_str()) {
         return Err(refuse(format!(
             "bucket {} is not one of the class's buckets",
-            shown(&spec.bucket)
+            shown(request.bucket.as_str())
         )));
     }
 
-    let prefixes = parse_prefixes(&spec.requested_prefixes())?;
-    if prefixes.is_empty() && !rules.allow_whole_bucket {
+    if request.prefixes.is_empty() && !rules.allow_whole_bucket {
         return Err(refuse(
             "a grant without a prefix (the whole bucket) needs allowWholeBucket".into(),
         ));
     }
     if let Some(template) = &rules.prefix_template {
-        let allowed = expand_prefix_template(template, namespace).map_err(|reason| {
-            Error::ClassMisconfigured {
-                class: class_name.clone(),
-                reason,
-            }
-        })?;
-        if let Some(outside) = prefixes.iter().find(|p| !p.is_within(&allowed)) {
+        let allowed = expand_prefix_template(template, namespace).map_err(misconfigured)?;
+        if let Some(outside) = request.prefixes.iter().find(|p| !p.is_within(&allowed)) {
             return Err(refuse(format!(
                 "prefix {outside} is not under {allowed} (the class's prefixTemplate for namespace {namespace})"
             )));
@@ -103,43 +110,38 @@ pub fn check_permitted(
     }
 
     if let Some(modes) = &rules.modes {
-        if !modes.contains(&spec.mode) {
+        if !modes.contains(&request.mode) {
             let allowed: Vec<String> = modes.iter().map(Mode::to_string).collect();
             return Err(refuse(format!(
                 "mode {} is not allowed (allowed: {})",
-                spec.mode,
+                request.mode,
                 allowed.join(", ")
             )));
         }
     }
 
-    match &spec.duration {
-        Some(requested) => {
+    match request.wanted {
+        Wanted::StsSession { duration } => {
             let max = match &rules.max_duration {
-                Some(text) => parse_duration(text).map_err(|reason| Error::ClassMisconfigured {
-                    class: class_name.clone(),
-                    reason: format!("maxDuration {}: {reason}", shown(text)),
+                Some(text) => parse_duration(text).map_err(|reason| {
+                    misconfigured(format!("maxDuration {}: {reason}", shown(text)))
                 })?,
                 None => MAX_SESSION_DURATION,
             };
-            let asked = parse_duration(requested).map_err(|reason| Error::InvalidDuration {
-                field: "duration",
-                value: shown(requested),
-                reason,
-            })?;
-            if asked > max {
+            if duration > max {
                 return Err(refuse(format!(
-                    "duration {requested} is longer than the class's maxDuration {}",
-                    crate::validate::format_duration(max)
+                    "duration {} is longer than the class's maxDuration {}",
+                    format_duration(duration),
+                    format_duration(max)
                 )));
             }
         }
-        None if rules.allow_iam_users == Some(false) => {
+        Wanted::IamUser { .. } if rules.allow_iam_users == Some(false) => {
             return Err(refuse(
                 "IAM-user grants are not allowed; set a duration for STS credentials".into(),
             ));
         }
-        None => {}
+        Wanted::IamUser { .. } => {}
     }
     Ok(())
 }
@@ -222,25 +224,24 @@ mod tests {
         class
     }
 
-    fn grant(yaml: &str) -> S3GrantSpec {
-        serde_yaml::from_str(yaml).unwrap()
+    /// Parses the grant as the controller does (in namespace tenant-a), then checks it.
+    fn check(class: &S3GrantClass, labels: &BTreeMap<String, String>, yaml: &str) -> Result<()> {
+        let spec: crate::api::S3GrantSpec = serde_yaml::from_str(yaml).unwrap();
+        let mut grant = crate::api::S3Grant::new("g", spec);
+        grant.metadata.namespace = Some("tenant-a".into());
+        check_permitted(class, labels, &GrantRequest::parse(&grant)?)
     }
 
     fn refusal(spec: &str) -> String {
-        check_permitted(
-            &class("team", true),
-            "tenant-a",
-            &BTreeMap::new(),
-            &grant(spec),
-        )
-        .unwrap_err()
-        .to_string()
+        check(&class("team", true), &BTreeMap::new(), spec)
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
     fn grant_under_own_namespace_prefix_is_permitted() {
-        let spec = grant("{bucket: acme-data, prefix: data/tenant-a/reports}");
-        assert!(check_permitted(&class("team", true), "tenant-a", &BTreeMap::new(), &spec).is_ok());
+        let spec = "{bucket: acme-data, prefix: data/tenant-a/reports}";
+        assert!(check(&class("team", true), &BTreeMap::new(), spec).is_ok());
     }
 
     #[test]
@@ -253,14 +254,8 @@ mod tests {
     fn sibling_namespace_prefix_is_not_permitted() {
         let message = refusal("{bucket: acme-data, prefix: data/tenant-ab/}");
         assert!(message.contains("not permitted"), "{message}");
-        let own_folder = grant("{bucket: acme-data, prefix: data/tenant-a}");
-        assert!(check_permitted(
-            &class("team", true),
-            "tenant-a",
-            &BTreeMap::new(),
-            &own_folder
-        )
-        .is_ok());
+        let own_folder = "{bucket: acme-data, prefix: data/tenant-a}";
+        assert!(check(&class("team", true), &BTreeMap::new(), own_folder).is_ok());
     }
 
     #[test]
@@ -280,11 +275,10 @@ mod tests {
         );
         let mut strict = class("team", true);
         strict.spec.modes = Some(vec![Mode::ReadOnly]);
-        let err = check_permitted(
+        let err = check(
             &strict,
-            "tenant-a",
             &BTreeMap::new(),
-            &grant("{bucket: acme-data, prefix: data/tenant-a/}"),
+            "{bucket: acme-data, prefix: data/tenant-a/}",
         );
         assert!(err
             .unwrap_err()
@@ -306,54 +300,59 @@ mod tests {
                 values: Some(vec!["blocked".into()]),
             }]),
         });
-        let spec = grant("{bucket: acme-data, prefix: data/tenant-a/}");
+        let spec = "{bucket: acme-data, prefix: data/tenant-a/}";
         let tenant = BTreeMap::from([("s3grant.io/tenant".to_string(), "true".to_string())]);
-        assert!(check_permitted(&selective, "tenant-a", &tenant, &spec).is_ok());
-        let err = check_permitted(&selective, "tenant-a", &BTreeMap::new(), &spec).unwrap_err();
+        assert!(check(&selective, &tenant, spec).is_ok());
+        let err = check(&selective, &BTreeMap::new(), spec).unwrap_err();
         assert_eq!(err.category(), "NotPermitted");
         let mut blocked = tenant.clone();
         blocked.insert("tier".into(), "blocked".into());
-        assert!(check_permitted(&selective, "tenant-a", &blocked, &spec).is_err());
+        assert!(check(&selective, &blocked, spec).is_err());
+    }
+
+    fn name_of(class: Result<&S3GrantClass>) -> String {
+        match class {
+            Ok(class) => class.metadata.name.clone().unwrap(),
+            Err(err) => format!("{}: {err}", err.category()),
+        }
     }
 
     #[test]
     fn class_selection_prefers_the_named_class_and_refuses_two_defaults() {
         let classes = [class("a", true), class("b", false)];
-        assert_eq!(
-            select_class(None, &classes)
-                .unwrap()
-                .metadata
-                .name
-                .as_deref(),
-            Some("a")
-        );
-        assert_eq!(
-            select_class(Some("b"), &classes)
-                .unwrap()
-                .metadata
-                .name
-                .as_deref(),
-            Some("b")
-        );
-        assert!(select_class(Some("c"), &classes).is_err());
+        assert_eq!(name_of(select_class(None, &classes)), "a");
+        assert_eq!(name_of(select_class(Some("b"), &classes)), "b");
+        assert!(name_of(select_class(Some("c"), &classes)).starts_with("ClassNotFound"));
         let two = [class("a", true), class("b", true)];
-        let message = select_class(None, &two).unwrap_err().to_string();
+        let message = name_of(select_class(None, &two));
         assert!(
             message.contains("2 S3GrantClasses are marked default (a, b)"),
             "{message}"
         );
-        assert!(select_class(None, &[class("x", false)]).is_err());
+        assert!(name_of(select_class(None, &[class("x", false)])).starts_with("NoDefaultClass"));
+    }
+
+    #[test]
+    fn a_class_being_deleted_is_not_used() {
+        let mut deleting = class("a", true);
+        deleting.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH),
+        );
+        let only = [deleting.clone()];
+        assert!(name_of(select_class(Some("a"), &only)).contains("being deleted"));
+        assert!(name_of(select_class(None, &only)).starts_with("ClassNotFound"));
+        let with_another = [deleting, class("b", true)];
+        assert_eq!(name_of(select_class(None, &with_another)), "b");
     }
 
     #[test]
     fn template_with_unknown_placeholder_is_a_class_error() {
         let mut odd = class("team", true);
         odd.spec.prefix_template = Some("data/{tenant}/".into());
-        let err = check_permitted(
+        let err = check(
             &odd,
-            "tenant-a",
             &BTreeMap::new(),
-            &grant("{bucket: acme-data, prefix: data/x/}"),
+            "{bucket: acme-data, prefix: data/x/}",
         );
         assert_eq!(err.unwrap_err().category(), "ClassMisconfigured");
     }

@@ -31,59 +31,81 @@ pub struct KeyActions {
     pub create: bool,
     /// When a kept previous key must be deleted; the next reconcile is due then.
     pub retire_previous_at: Option<Timestamp>,
+    /// A rotation that must wait for the previous key's grace to end (I4), until then.
+    pub rotation_waits_until: Option<Timestamp>,
+}
+
+/// What the key decision knows about the Secret.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SecretKeys<'a> {
+    /// The intact key in the Secret.
+    pub current: Option<&'a str>,
+    /// When the Secret got that key (its `issued-at` record).
+    pub in_secret_since: Option<Timestamp>,
+    /// The key the status last reported, when the Secret lost or garbled its own.
+    pub last_known: Option<&'a str>,
 }
 
 /// Decides which keys to delete and whether to create one, keeping the rules:
 /// - the key in the Secret (`current`) is kept unless a rotation replaces it;
 /// - a key older than the current one is the previous key of a rotation: it lives until
-///   `grace` after the current key was created, so pods reading the old Secret keep working;
+///   `grace` after it left the Secret (when the current key was written there), so pods
+///   reading the old Secret keep working; a rotation asked for meanwhile waits for it;
 /// - a key newer than the current one was created by a reconcile that crashed before
 ///   writing the Secret: nobody holds it, so it goes at once;
-/// - without a usable current key, the newest key is kept for `grace` too (pods may still
-///   hold it), the rest go, and a new key is created;
+/// - without a usable current key, the key pods may still hold (the last known one, else
+///   the newest) is kept and becomes the previous key of the new one; the rest go;
 /// - never more than two keys: room is made before a key is created.
 pub fn decide_key_actions(
     keys: &[AccessKey],
-    current: Option<&str>,
+    secret: SecretKeys<'_>,
     rotate: bool,
     now: Timestamp,
     grace: Duration,
 ) -> KeyActions {
     let mut sorted: Vec<&AccessKey> = keys.iter().collect();
     sorted.sort_by_key(|k| (k.created, k.id.clone()));
-    let current_key = current.and_then(|id| sorted.iter().copied().find(|k| k.id == id));
+    let current_key = secret
+        .current
+        .and_then(|id| sorted.iter().copied().find(|k| k.id == id));
 
     let mut actions = KeyActions::default();
     match current_key {
         Some(current_key) => {
-            let retire_at = crate::validate::later(current_key.created, grace);
+            // The grace starts when the key left the Secret; the record of that moment is
+            // trusted only within [created, created + grace] (tenants can edit annotations).
+            let created = current_key.created;
+            let left_secret = secret
+                .in_secret_since
+                .unwrap_or(created)
+                .clamp(created, crate::validate::later(created, grace));
+            let retire_at = crate::validate::later(left_secret, grace);
+            let mut previous_kept = false;
             for key in sorted.iter().filter(|k| k.id != current_key.id) {
                 // Same-second ties count as previous keys: kept through the grace, never cut short.
-                let orphan = key.created > current_key.created;
+                let orphan = key.created > created;
                 if orphan || now >= retire_at {
                     actions.delete.push(key.id.clone());
                 } else {
+                    previous_kept = true;
                     actions.retire_previous_at = Some(retire_at);
                 }
             }
             if rotate {
-                actions.create = true;
-                // Room for the new key: a previous key still in its grace goes early.
-                let kept = sorted.len() - actions.delete.len();
-                if kept >= MAX_KEYS_PER_USER {
-                    for key in sorted.iter().filter(|k| k.id != current_key.id) {
-                        if !actions.delete.contains(&key.id) {
-                            actions.delete.push(key.id.clone());
-                        }
-                    }
+                if previous_kept {
+                    actions.rotation_waits_until = Some(retire_at);
+                } else {
+                    actions.create = true;
                 }
-                actions.retire_previous_at = None;
             }
         }
         None => {
             actions.create = true;
-            // Keep only the newest key (someone may still hold it); delete older ones.
-            let keep = sorted.last().map(|k| k.id.clone());
+            let keep = secret
+                .last_known
+                .and_then(|id| sorted.iter().find(|k| k.id == id))
+                .or(sorted.last())
+                .map(|k| k.id.clone());
             for key in &sorted {
                 if Some(&key.id) != keep.as_ref() {
                     actions.delete.push(key.id.clone());
@@ -99,8 +121,17 @@ pub fn rotation_due(created: Timestamp, rotate_every: Option<Duration>, now: Tim
     rotate_every.is_some_and(|period| now >= crate::validate::later(created, period))
 }
 
-/// Ensures the user exists with our tags, path and boundary. Returns false when it had to be created.
-pub async fn ensure_user(iam: &aws_sdk_iam::Client, plan: &GrantPlan) -> Result<bool> {
+/// The user a grant holds, as IAM knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EnsuredUser {
+    /// IAM's unique id of the user (UserId).
+    pub id: String,
+    /// Whether this call created it.
+    pub created: bool,
+}
+
+/// Ensures the user exists with our tags, path and boundary.
+pub async fn ensure_user(iam: &aws_sdk_iam::Client, plan: &GrantPlan) -> Result<EnsuredUser> {
     let crate::plan::CredentialPlan::IamUser {
         user_name,
         path,
@@ -109,7 +140,7 @@ pub async fn ensure_user(iam: &aws_sdk_iam::Client, plan: &GrantPlan) -> Result<
         ..
     } = &plan.credential
     else {
-        return Ok(true);
+        return Err(Error::InvalidSpec("not an IAM-user grant".into()));
     };
     let uid = tag_value(tags, TAG_UID);
     match get_user(iam, user_name).await? {
@@ -122,6 +153,24 @@ pub async fn ensure_user(iam: &aws_sdk_iam::Client, plan: &GrantPlan) -> Result<
                 return Err(Error::ForeignIamUser {
                     user: user_name.clone(),
                 });
+            }
+            let missing: Vec<Tag> = tags
+                .iter()
+                .filter(|(key, value)| {
+                    !user
+                        .tags()
+                        .iter()
+                        .any(|t| t.key() == key && t.value() == value)
+                })
+                .map(|(key, value)| tag(key, value))
+                .collect();
+            if !missing.is_empty() {
+                iam.tag_user()
+                    .user_name(user_name)
+                    .set_tags(Some(missing))
+                    .send()
+                    .await
+                    .map_err(aws_error("iam:TagUser"))?;
             }
             let boundary_now = user
                 .permissions_boundary()
@@ -136,28 +185,29 @@ pub async fn ensure_user(iam: &aws_sdk_iam::Client, plan: &GrantPlan) -> Result<
                         .map_err(aws_error("iam:PutUserPermissionsBoundary"))?;
                 }
             }
-            Ok(true)
+            Ok(EnsuredUser {
+                id: user.user_id,
+                created: false,
+            })
         }
         None => {
             let mut request = iam.create_user().user_name(user_name).path(path);
             for (key, value) in tags {
-                request = request.tags(
-                    Tag::builder()
-                        .key(key)
-                        .value(value)
-                        .build()
-                        .expect("tag key and value are set"),
-                );
+                request = request.tags(tag(key, value));
             }
             if let Some(boundary) = permissions_boundary {
                 request = request.permissions_boundary(boundary);
             }
             match request.send().await {
-                Ok(_) => Ok(false),
+                Ok(out) => Ok(EnsuredUser {
+                    id: out.user.map(|u| u.user_id).unwrap_or_default(),
+                    created: true,
+                }),
                 Err(err) => {
                     let failure = AwsFailure::from_sdk(err);
                     if failure.is_code("EntityAlreadyExists") {
-                        // Created concurrently; the next reconcile checks its tags.
+                        // Created concurrently, or not yet visible to GetUser (IAM is
+                        // eventually consistent); the next reconcile checks its tags.
                         return Err(Error::Aws {
                             operation: "iam:CreateUser",
                             code: failure.code,
@@ -170,6 +220,14 @@ pub async fn ensure_user(iam: &aws_sdk_iam::Client, plan: &GrantPlan) -> Result<
             }
         }
     }
+}
+
+fn tag(key: &str, value: &str) -> Tag {
+    Tag::builder()
+        .key(key)
+        .value(value)
+        .build()
+        .expect("tag key and value are set")
 }
 
 fn tag_value<'a>(tags: &'a [(String, String)], key: &str) -> Option<&'a str> {
@@ -383,12 +441,87 @@ where
     }
 }
 
+/// One IAM user as ListUsers shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListedUser {
+    pub name: String,
+    pub created: Timestamp,
+}
+
+/// The users under `path`, every page.
+pub async fn list_users(iam: &aws_sdk_iam::Client, path: &str) -> Result<Vec<ListedUser>> {
+    let mut users = Vec::new();
+    let mut marker: Option<String> = None;
+    loop {
+        let out = iam
+            .list_users()
+            .path_prefix(path)
+            .set_marker(marker.take())
+            .send()
+            .await
+            .map_err(aws_error("iam:ListUsers"))?;
+        users.extend(out.users().iter().map(|u| ListedUser {
+            name: u.user_name().to_string(),
+            created: timestamp(u.create_date()),
+        }));
+        match out.marker {
+            Some(next) if out.is_truncated => marker = Some(next),
+            _ => return Ok(users),
+        }
+    }
+}
+
+/// A user's tags (ListUsers does not return them); `None` when the user is gone.
+pub async fn user_tags(
+    iam: &aws_sdk_iam::Client,
+    user_name: &str,
+) -> Result<Option<Vec<(String, String)>>> {
+    match iam.list_user_tags().user_name(user_name).send().await {
+        Ok(out) => Ok(Some(
+            out.tags()
+                .iter()
+                .map(|t| (t.key().to_string(), t.value().to_string()))
+                .collect(),
+        )),
+        Err(err) => {
+            let failure = AwsFailure::from_sdk(err);
+            if failure.is_code("NoSuchEntity") {
+                Ok(None)
+            } else {
+                Err(failure.into_error("iam:ListUserTags"))
+            }
+        }
+    }
+}
+
+/// What deleting a held user found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Deleted {
+    /// The user, its keys and policies are gone now.
+    Deleted,
+    /// There was no such user (already gone, or never created).
+    Gone,
+    /// The user is the one the grant uses now (same IAM UserId): left alone.
+    InUse,
+    /// The user does not carry this grant's uid tag: left alone.
+    NotOurs,
+}
+
 /// Deletes the user and everything on it. Not-found is success; a user that does not
-/// carry this grant's uid tag is left alone. Returns true when a user was deleted.
-pub async fn delete_user(iam: &aws_sdk_iam::Client, user_name: &str, uid: &str) -> Result<bool> {
+/// carry this grant's uid tag is left alone, and so is the user whose IAM id is `in_use`
+/// (the same user reached through another class or endpoint of the same account).
+pub async fn delete_user(
+    iam: &aws_sdk_iam::Client,
+    user_name: &str,
+    uid: &str,
+    in_use: Option<&str>,
+) -> Result<Deleted> {
     let Some(user) = get_user(iam, user_name).await? else {
-        return Ok(false);
+        return Ok(Deleted::Gone);
     };
+    if in_use == Some(user.user_id()) {
+        return Ok(Deleted::InUse);
+    }
     if !user
         .tags()
         .iter()
@@ -398,16 +531,21 @@ pub async fn delete_user(iam: &aws_sdk_iam::Client, user_name: &str, uid: &str) 
             user = user_name,
             "IAM user does not carry this grant's uid tag; left alone"
         );
-        return Ok(false);
+        return Ok(Deleted::NotOurs);
     }
     for key in list_keys(iam, user_name).await? {
         delete_key(iam, user_name, &key.id).await?;
     }
     strip_policies(iam, user_name, None).await?;
-    unless_gone(
+    let deleted = unless_gone(
         iam.delete_user().user_name(user_name).send().await,
         "iam:DeleteUser",
-    )
+    )?;
+    Ok(if deleted {
+        Deleted::Deleted
+    } else {
+        Deleted::Gone
+    })
 }
 
 #[cfg(test)]
@@ -419,6 +557,7 @@ mod tests {
         delete: Vec::new(),
         create: true,
         retire_previous_at: None,
+        rotation_waits_until: None,
     };
 
     fn key(id: &str, created_hours: i64) -> AccessKey {
@@ -431,6 +570,19 @@ mod tests {
     fn at(hours: i64) -> Timestamp {
         Timestamp::from_second(hours * 3600).unwrap()
     }
+
+    fn holding(id: &str) -> SecretKeys<'_> {
+        SecretKeys {
+            current: Some(id),
+            ..SecretKeys::default()
+        }
+    }
+
+    const LOST: SecretKeys<'static> = SecretKeys {
+        current: None,
+        in_secret_since: None,
+        last_known: None,
+    };
 
     #[test]
     fn scheduled_rotation_is_due_once_the_period_has_passed() {
@@ -445,77 +597,109 @@ mod tests {
 
     #[test]
     fn first_reconcile_creates_one_key() {
-        let actions = decide_key_actions(&[], None, false, at(0), HOUR);
+        let actions = decide_key_actions(&[], LOST, false, at(0), HOUR);
         assert_eq!(actions, CREATE_ONLY);
     }
 
     #[test]
     fn steady_state_does_nothing() {
-        let actions = decide_key_actions(&[key("A", 0)], Some("A"), false, at(100), HOUR);
+        let actions = decide_key_actions(&[key("A", 0)], holding("A"), false, at(100), HOUR);
         assert_eq!(actions, KeyActions::default());
     }
 
     #[test]
     fn rotation_keeps_the_old_key_through_the_grace() {
         let keys = [key("A", 0), key("B", 10)];
-        let during = decide_key_actions(&keys, Some("B"), false, at(10), HOUR);
+        let during = decide_key_actions(&keys, holding("B"), false, at(10), HOUR);
         assert_eq!(during.delete, Vec::<String>::new());
         assert_eq!(during.retire_previous_at, Some(at(11)));
-        let after = decide_key_actions(&keys, Some("B"), false, at(11), HOUR);
+        let after = decide_key_actions(&keys, holding("B"), false, at(11), HOUR);
         assert_eq!(after.delete, ["A"]);
         assert!(!after.create);
     }
 
     #[test]
+    fn the_grace_runs_from_when_the_key_left_the_secret() {
+        let keys = [key("A", 0), key("B", 10)];
+        let written_late = SecretKeys {
+            current: Some("B"),
+            in_secret_since: Some(Timestamp::from_second(10 * 3600 + 1800).unwrap()),
+            last_known: None,
+        };
+        let at_11 = decide_key_actions(&keys, written_late, false, at(11), HOUR);
+        assert!(at_11.delete.is_empty(), "half an hour of grace left");
+        assert_eq!(
+            at_11.retire_previous_at,
+            Some(Timestamp::from_second(11 * 3600 + 1800).unwrap())
+        );
+        // A record far in the future (an edited annotation) is capped at one more grace.
+        let forged = SecretKeys {
+            in_secret_since: Some(at(1000)),
+            ..written_late
+        };
+        let capped = decide_key_actions(&keys, forged, false, at(12), HOUR);
+        assert_eq!(capped.delete, ["A"]);
+    }
+
+    #[test]
     fn rotation_with_one_key_creates_a_second() {
-        let actions = decide_key_actions(&[key("A", 0)], Some("A"), true, at(5), HOUR);
+        let actions = decide_key_actions(&[key("A", 0)], holding("A"), true, at(5), HOUR);
         assert_eq!(actions, CREATE_ONLY);
     }
 
     #[test]
-    fn rotation_during_a_grace_never_makes_a_third_key() {
+    fn rotation_during_a_grace_waits_for_it_and_never_makes_a_third_key() {
         let keys = [key("A", 0), key("B", 10)];
-        let actions = decide_key_actions(&keys, Some("B"), true, at(10), HOUR);
-        assert_eq!(actions.delete, ["A"]);
-        assert!(actions.create);
-        assert!(keys.len() - actions.delete.len() < MAX_KEYS_PER_USER);
+        let actions = decide_key_actions(&keys, holding("B"), true, at(10), HOUR);
+        assert!(actions.delete.is_empty(), "A keeps its grace");
+        assert!(!actions.create);
+        assert_eq!(actions.rotation_waits_until, Some(at(11)));
+        let later = decide_key_actions(&keys, holding("B"), true, at(11), HOUR);
+        assert_eq!(later.delete, ["A"]);
+        assert!(later.create);
     }
 
     #[test]
     fn key_left_by_a_crash_before_the_secret_write_is_deleted_at_once() {
         let keys = [key("A", 0), key("B", 10)];
-        let actions = decide_key_actions(&keys, Some("A"), false, at(10), HOUR);
+        let actions = decide_key_actions(&keys, holding("A"), false, at(10), HOUR);
         assert_eq!(actions.delete, ["B"]);
         assert!(!actions.create);
+        let rotating = decide_key_actions(&keys, holding("A"), true, at(10), HOUR);
+        assert_eq!(rotating.delete, ["B"]);
+        assert!(rotating.create, "the crashed rotation is done again, once");
     }
 
     #[test]
     fn key_created_in_the_same_second_as_the_current_one_is_kept_through_the_grace() {
         let keys = [key("A", 10), key("B", 10)];
-        let actions = decide_key_actions(&keys, Some("B"), false, at(10), HOUR);
+        let actions = decide_key_actions(&keys, holding("B"), false, at(10), HOUR);
         assert!(actions.delete.is_empty());
         assert_eq!(actions.retire_previous_at, Some(at(11)));
     }
 
     #[test]
-    fn lost_secret_gets_a_new_key_and_the_newest_old_one_stays_for_the_grace() {
-        let one = decide_key_actions(&[key("A", 0)], None, false, at(5), HOUR);
-        assert_eq!(
-            one,
-            KeyActions {
-                delete: vec![],
-                create: true,
-                retire_previous_at: None
-            }
-        );
-        let two = decide_key_actions(&[key("A", 0), key("B", 3)], None, false, at(5), HOUR);
+    fn lost_secret_gets_a_new_key_and_the_key_pods_may_hold_stays() {
+        let one = decide_key_actions(&[key("A", 0)], LOST, false, at(5), HOUR);
+        assert_eq!(one, CREATE_ONLY);
+        let two = decide_key_actions(&[key("A", 0), key("B", 3)], LOST, false, at(5), HOUR);
         assert_eq!(two.delete, ["A"]);
         assert!(two.create);
+        let known = SecretKeys {
+            last_known: Some("A"),
+            ..LOST
+        };
+        let by_status = decide_key_actions(&[key("A", 0), key("B", 3)], known, false, at(5), HOUR);
+        assert_eq!(
+            by_status.delete,
+            ["B"],
+            "the status says A was in the Secret"
+        );
     }
 
     #[test]
     fn secret_naming_a_key_iam_no_longer_has_counts_as_lost() {
-        let actions = decide_key_actions(&[key("A", 0)], Some("GONE"), false, at(5), HOUR);
+        let actions = decide_key_actions(&[key("A", 0)], holding("GONE"), false, at(5), HOUR);
         assert!(actions.create);
         assert!(actions.delete.is_empty());
     }
@@ -530,18 +714,29 @@ mod tests {
         ];
         for keys in keysets {
             for current in [None, Some("A"), Some("B"), Some("X")] {
-                for rotate in [false, true] {
-                    for now in [0, 1, 2, 5, 100] {
-                        let actions = decide_key_actions(keys, current, rotate, at(now), HOUR);
-                        let after = keys.len() - actions.delete.len() + usize::from(actions.create);
-                        assert!(
-                            after <= MAX_KEYS_PER_USER,
-                            "{keys:?} {current:?} {rotate} {now}: {actions:?}"
-                        );
-                        assert!(
-                            after >= 1,
-                            "a grant always ends with a key: {keys:?} {current:?} {actions:?}"
-                        );
+                for last_known in [None, Some("A"), Some("B")] {
+                    for rotate in [false, true] {
+                        for now in [0, 1, 2, 5, 100] {
+                            let secret = SecretKeys {
+                                current,
+                                in_secret_since: None,
+                                last_known,
+                            };
+                            let actions = decide_key_actions(keys, secret, rotate, at(now), HOUR);
+                            let after =
+                                keys.len() - actions.delete.len() + usize::from(actions.create);
+                            assert!(
+                                after <= MAX_KEYS_PER_USER,
+                                "{keys:?} {current:?} {rotate} {now}: {actions:?}"
+                            );
+                            assert!(
+                                after >= 1,
+                                "a grant always ends with a key: {keys:?} {current:?} {actions:?}"
+                            );
+                            let current_deleted =
+                                current.is_some_and(|c| actions.delete.iter().any(|d| d == c));
+                            assert!(!current_deleted, "the key in the Secret is never deleted");
+                        }
                     }
                 }
             }
@@ -584,7 +779,10 @@ mod tests {
         let plan = crate::plan::GrantPlan {
             namespace: "ns".into(),
             name: "g".into(),
+            uid: "uid-1".into(),
             class_name: "c".into(),
+            backend: crate::api::BackendRecord::default(),
+            mode: crate::api::Mode::ReadOnly,
             credential: crate::plan::CredentialPlan::IamUser {
                 user_name: "s3g-ns-g-abc".into(),
                 path: "/s3grant/".into(),
@@ -604,10 +802,9 @@ mod tests {
             region: "us-east-1".into(),
             endpoint: None,
         };
-        assert!(
-            !ensure_user(&iam, &plan).await.unwrap(),
-            "the user was created"
-        );
+        let user = ensure_user(&iam, &plan).await.unwrap();
+        assert!(user.created);
+        assert_eq!(user.id, "X");
         let requests: Vec<String> = replay
             .actual_requests()
             .map(|r| String::from_utf8(r.body().bytes().unwrap().to_vec()).unwrap())

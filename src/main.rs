@@ -26,7 +26,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: s3grant::controller::Config) -> ExitCode {
+fn run(config: s3grant::cli::RunConfig) -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {

@@ -47,6 +47,8 @@ pub struct Metrics {
     reconcile_duration: Histogram,
     aws_calls: Family<AwsCallLabels, Counter>,
     seconds_until_expiry: Family<GrantLabels, Gauge>,
+    swept_users: Counter,
+    sweeps: Counter,
     expirations: Mutex<HashMap<GrantLabels, Timestamp>>,
 }
 
@@ -65,6 +67,8 @@ impl Default for Metrics {
             Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]);
         let aws_calls = Family::<AwsCallLabels, Counter>::default();
         let seconds_until_expiry = Family::<GrantLabels, Gauge>::default();
+        let swept_users = Counter::default();
+        let sweeps = Counter::default();
         registry.register("reconciles", "Reconciles of S3Grants", reconciles.clone());
         registry.register(
             "reconcile_errors",
@@ -86,8 +90,20 @@ impl Default for Metrics {
             "Seconds until the STS credentials in each grant's Secret expire",
             seconds_until_expiry.clone(),
         );
+        registry.register(
+            "swept_users",
+            "IAM users deleted by the sweep because their grant was gone",
+            swept_users.clone(),
+        );
+        registry.register(
+            "sweeps",
+            "Sweeps for IAM users whose grant is gone, completed",
+            sweeps.clone(),
+        );
         Metrics {
             registry,
+            swept_users,
+            sweeps,
             reconciles,
             reconcile_errors,
             reconcile_duration,
@@ -109,6 +125,14 @@ impl Metrics {
                 })
                 .inc();
         }
+    }
+
+    pub fn swept(&self) {
+        self.swept_users.inc();
+    }
+
+    pub fn sweep_done(&self) {
+        self.sweeps.inc();
     }
 
     pub fn aws_call(&self, service: &str, operation: &str, outcome: &'static str) {

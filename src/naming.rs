@@ -39,6 +39,16 @@ fn aws_name(namespace: &str, name: &str, uid: &str) -> String {
     format!("{NAME_PREFIX}-{readable}-{suffix}")
 }
 
+/// A short digest of arbitrary text (128 bits as hex): fingerprints and ids that never
+/// reveal what they were computed from.
+pub fn digest(text: &str) -> String {
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// IAM's character set for user names and role session names: `[\w+=,.@-]`.
 pub fn is_aws_name_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || "_+=,.@-".contains(c)

@@ -8,7 +8,8 @@ use kube_lease_manager::LeaseManagerBuilder;
 use tracing_subscriber::EnvFilter;
 
 use crate::admin::{self, Readiness};
-use crate::controller::{self, Config};
+use crate::cli::RunConfig as Config;
+use crate::controller;
 use crate::metrics::Metrics;
 
 pub const LEASE_NAME: &str = "s3grant-leader";

@@ -4,17 +4,17 @@
 
 use std::time::Duration;
 
-use crate::api::{S3Grant, S3GrantClass, DEFAULT_IAM_PATH, DEFAULT_REGION};
+use crate::api::{BackendRecord, Mode, S3GrantClass, DEFAULT_IAM_PATH, DEFAULT_REGION};
+use crate::backend::record_of;
 use crate::error::{shown, Error, Result};
 use crate::naming::{iam_user_name, role_session_name, INLINE_POLICY_NAME};
 use crate::policy::{build_policy, PolicyDocument, SESSION_POLICY_LIMIT, USER_INLINE_POLICY_LIMIT};
-use crate::validate::{
-    format_duration, parse_bounded_duration, parse_prefixes, BucketName, Prefix, MAX_ROTATE_EVERY,
-    MAX_SESSION_DURATION, MIN_ROTATE_EVERY, MIN_SESSION_DURATION,
-};
+use crate::request::{GrantRequest, Wanted};
+use crate::validate::{format_duration, BucketName, Prefix};
 
 /// Tag keys every IAM user created by s3grant carries; only users with them are touched.
 pub const TAG_MANAGED_BY: &str = "s3grant.io/managed-by";
+pub const TAG_CLUSTER: &str = "s3grant.io/cluster";
 pub const TAG_NAMESPACE: &str = "s3grant.io/namespace";
 pub const TAG_NAME: &str = "s3grant.io/name";
 pub const TAG_UID: &str = "s3grant.io/uid";
@@ -41,10 +41,14 @@ pub enum CredentialPlan {
 pub struct GrantPlan {
     pub namespace: String,
     pub name: String,
+    pub uid: String,
     pub class_name: String,
+    /// Where the credentials come from: the class's current backend.
+    pub backend: BackendRecord,
     pub credential: CredentialPlan,
     pub bucket: BucketName,
     pub prefixes: Vec<Prefix>,
+    pub mode: Mode,
     pub policy: PolicyDocument,
     pub policy_size: usize,
     pub secret_name: String,
@@ -52,62 +56,37 @@ pub struct GrantPlan {
     pub endpoint: Option<String>,
 }
 
-/// Validates the grant against the API's rules and builds its desired state.
-/// The class is assumed to permit the grant (see [`crate::guardrails`]).
-pub fn plan_grant(grant: &S3Grant, class: &S3GrantClass) -> Result<GrantPlan> {
-    let spec = &grant.spec;
-    let namespace = grant.metadata.namespace.clone().unwrap_or_default();
-    let name = grant.metadata.name.clone().unwrap_or_default();
-    let uid = grant.metadata.uid.clone().unwrap_or_default();
+/// Builds the grant's desired state. The class is assumed to permit the grant (see
+/// [`crate::guardrails`]). `cluster_id` tags IAM users so that clusters sharing an
+/// account never sweep each other's users.
+pub fn plan_grant(
+    request: &GrantRequest,
+    class: &S3GrantClass,
+    cluster_id: Option<&str>,
+) -> Result<GrantPlan> {
+    let (namespace, name, uid) = (&request.namespace, &request.name, &request.uid);
     let class_name = class.metadata.name.clone().unwrap_or_default();
     let misconfigured = |reason: &str| Error::ClassMisconfigured {
         class: class_name.clone(),
         reason: reason.to_string(),
     };
-
-    if spec.prefix.is_some() && spec.prefixes.is_some() {
-        return Err(Error::InvalidSpec(
-            "set prefix or prefixes, not both".into(),
-        ));
-    }
-    let bucket = BucketName::parse(&spec.bucket)?;
-    let prefixes = parse_prefixes(&spec.requested_prefixes())?;
-    let policy = build_policy(&bucket, &prefixes, spec.mode);
+    let policy = build_policy(&request.bucket, &request.prefixes, request.mode);
     let backend = &class.spec.backend;
 
-    let (credential, policy_size) = match &spec.duration {
-        Some(text) => {
-            if spec.rotate_every.is_some() {
-                return Err(Error::InvalidSpec(
-                    "rotateEvery applies to IAM-user grants only; remove it or remove duration"
-                        .into(),
-                ));
-            }
-            let duration = parse_bounded_duration(
-                "duration",
-                text,
-                MIN_SESSION_DURATION,
-                MAX_SESSION_DURATION,
-            )?;
+    let (credential, policy_size) = match request.wanted {
+        Wanted::StsSession { duration } => {
             let role_arn = backend.role_arn.clone().ok_or_else(|| {
                 misconfigured("backend.roleArn is required for grants with a duration")
             })?;
             let size = policy.check_size(SESSION_POLICY_LIMIT, "an STS session policy")?;
             let credential = CredentialPlan::StsSession {
                 role_arn,
-                session_name: role_session_name(&namespace, &name, &uid),
+                session_name: role_session_name(namespace, name, uid),
                 duration,
             };
             (credential, size)
         }
-        None => {
-            let rotate_every = spec
-                .rotate_every
-                .as_deref()
-                .map(|text| {
-                    parse_bounded_duration("rotateEvery", text, MIN_ROTATE_EVERY, MAX_ROTATE_EVERY)
-                })
-                .transpose()?;
+        Wanted::IamUser { rotate_every } => {
             let path = backend
                 .iam_path
                 .clone()
@@ -116,30 +95,37 @@ pub fn plan_grant(grant: &S3Grant, class: &S3GrantClass) -> Result<GrantPlan> {
                 return Err(misconfigured("backend.iamPath must start and end with '/'"));
             }
             let size = policy.check_size(USER_INLINE_POLICY_LIMIT, "a user's inline policies")?;
+            let mut tags = vec![(TAG_MANAGED_BY.to_string(), "s3grant".to_string())];
+            if let Some(cluster) = cluster_id {
+                tags.push((TAG_CLUSTER.into(), cluster.to_string()));
+            }
+            tags.extend([
+                (TAG_NAMESPACE.to_string(), namespace.clone()),
+                (TAG_NAME.to_string(), name.clone()),
+                (TAG_UID.to_string(), uid.clone()),
+            ]);
             let credential = CredentialPlan::IamUser {
-                user_name: iam_user_name(&namespace, &name, &uid),
+                user_name: iam_user_name(namespace, name, uid),
                 path,
                 permissions_boundary: backend.permissions_boundary.clone(),
                 rotate_every,
-                tags: vec![
-                    (TAG_MANAGED_BY.into(), "s3grant".into()),
-                    (TAG_NAMESPACE.into(), namespace.clone()),
-                    (TAG_NAME.into(), name.clone()),
-                    (TAG_UID.into(), uid.clone()),
-                ],
+                tags,
             };
             (credential, size)
         }
     };
 
     Ok(GrantPlan {
-        secret_name: grant.secret_name(),
-        namespace,
-        name,
+        secret_name: request.secret_name.clone(),
+        namespace: namespace.clone(),
+        name: name.clone(),
+        uid: uid.clone(),
         class_name,
+        backend: record_of(backend),
         credential,
-        bucket,
-        prefixes,
+        bucket: request.bucket.clone(),
+        prefixes: request.prefixes.clone(),
+        mode: request.mode,
         policy,
         policy_size,
         region: backend
@@ -151,6 +137,26 @@ pub fn plan_grant(grant: &S3Grant, class: &S3GrantClass) -> Result<GrantPlan> {
 }
 
 impl GrantPlan {
+    /// The IAM user the plan wants, when it wants one.
+    pub fn user_name(&self) -> Option<&str> {
+        match &self.credential {
+            CredentialPlan::IamUser { user_name, .. } => Some(user_name),
+            CredentialPlan::StsSession { .. } => None,
+        }
+    }
+
+    /// Where the credentials reach, for messages: `s3://bucket/a/, s3://bucket/b/`.
+    pub fn scope(&self) -> String {
+        if self.prefixes.is_empty() {
+            return format!("s3://{}", self.bucket);
+        }
+        self.prefixes
+            .iter()
+            .map(|p| format!("s3://{}/{p}", self.bucket))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     pub fn credential_kind(&self) -> &'static str {
         match self.credential {
             CredentialPlan::IamUser { .. } => "IamUser",
@@ -165,8 +171,11 @@ impl GrantPlan {
                 user_name,
                 path,
                 permissions_boundary,
+                tags,
                 ..
             } => {
+                let tag_keys: Vec<&str> = tags.iter().map(|(k, _)| k.as_str()).collect();
+                let tag_keys = tag_keys.join(", ");
                 let boundary = permissions_boundary
                     .as_deref()
                     .map(|b| format!(", PermissionsBoundary={b}"))
@@ -174,7 +183,7 @@ impl GrantPlan {
                 vec![
                     format!("iam:GetUser UserName={user_name}"),
                     format!(
-                        "iam:CreateUser UserName={user_name}, Path={path}{boundary}, Tags=[{TAG_MANAGED_BY}, {TAG_NAMESPACE}, {TAG_NAME}, {TAG_UID}]  (only if GetUser found none)"
+                        "iam:CreateUser UserName={user_name}, Path={path}{boundary}, Tags=[{tag_keys}]  (only if GetUser found none)"
                     ),
                     format!(
                         "iam:PutUserPolicy UserName={user_name}, PolicyName={INLINE_POLICY_NAME}, PolicyDocument=<the policy above>"

@@ -7,18 +7,22 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::ByteString;
-use kube::Resource;
 use sha2::{Digest, Sha256};
 
-use crate::api::{S3Grant, MANAGED_BY_LABEL};
+use crate::api::MANAGED_BY_LABEL;
 use crate::aws::Credentials;
 use crate::plan::GrantPlan;
 
 /// A digest of the credential fields, so an edited Secret is noticed and replaced.
 pub const CREDENTIAL_HASH_ANNOTATION: &str = "s3grant.io/credential-hash";
-/// A digest of what the credentials were issued for (policy, role, duration), so STS
-/// credentials are re-minted when the grant changes.
+/// A digest of what the credentials were issued for (policy, role, duration, user), so
+/// credentials are replaced when the grant changes.
 pub const ISSUED_FOR_ANNOTATION: &str = "s3grant.io/issued-for";
+/// When the credentials were written into the Secret: the previous key's grace starts then.
+pub const ISSUED_AT_ANNOTATION: &str = "s3grant.io/issued-at";
+/// The rotation request these credentials answer. Written with the new key, so a crash
+/// after the Secret write never rotates twice for one request.
+pub const ROTATION_HANDLED_ANNOTATION: &str = "s3grant.io/rotation-handled";
 pub const GRANT_ANNOTATION: &str = "s3grant.io/grant";
 
 pub const KEY_ACCESS_KEY_ID: &str = "AWS_ACCESS_KEY_ID";
@@ -26,12 +30,20 @@ pub const KEY_SECRET_ACCESS_KEY: &str = "AWS_SECRET_ACCESS_KEY";
 pub const KEY_SESSION_TOKEN: &str = "AWS_SESSION_TOKEN";
 pub const KEY_EXPIRATION: &str = "AWS_CREDENTIAL_EXPIRATION";
 
-/// Builds the Secret for the grant's credentials.
+/// What the Secret records besides the credentials: the commit record of an issue.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IssueRecord {
+    pub issued_for: String,
+    pub issued_at: Option<Timestamp>,
+    pub rotation_handled: Option<String>,
+}
+
+/// Builds the grant's Secret: exactly the keys of the credential's kind, nothing else.
 pub fn build_secret(
-    grant: &S3Grant,
     plan: &GrantPlan,
+    owner: OwnerReference,
     credentials: &Credentials,
-    issued_for: &str,
+    record: &IssueRecord,
 ) -> Secret {
     let mut data: BTreeMap<String, String> = BTreeMap::new();
     data.insert(KEY_ACCESS_KEY_ID.into(), credentials.access_key_id.clone());
@@ -64,14 +76,20 @@ pub fn build_secret(
         credential_process_json(credentials, expiration.as_deref()),
     );
 
-    let annotations = BTreeMap::from([
+    let mut annotations = BTreeMap::from([
         (
             CREDENTIAL_HASH_ANNOTATION.to_string(),
             credential_hash(credentials),
         ),
-        (ISSUED_FOR_ANNOTATION.to_string(), issued_for.to_string()),
+        (ISSUED_FOR_ANNOTATION.to_string(), record.issued_for.clone()),
         (GRANT_ANNOTATION.to_string(), plan.name.clone()),
     ]);
+    if let Some(at) = record.issued_at {
+        annotations.insert(ISSUED_AT_ANNOTATION.to_string(), rfc3339(at));
+    }
+    if let Some(handled) = &record.rotation_handled {
+        annotations.insert(ROTATION_HANDLED_ANNOTATION.to_string(), handled.clone());
+    }
     Secret {
         metadata: ObjectMeta {
             name: Some(plan.secret_name.clone()),
@@ -81,7 +99,7 @@ pub fn build_secret(
                 MANAGED_BY_LABEL.1.to_string(),
             )])),
             annotations: Some(annotations),
-            owner_references: grant.controller_owner_ref(&()).map(|owner| vec![owner]),
+            owner_references: Some(vec![owner]),
             ..ObjectMeta::default()
         },
         type_: Some("Opaque".into()),
@@ -91,6 +109,27 @@ pub fn build_secret(
                 .collect(),
         ),
         ..Secret::default()
+    }
+}
+
+/// The Secret to PUT over `existing`: our data exactly (stale keys of another kind go),
+/// our labels and annotations over whatever others added to the metadata, and the
+/// existing resourceVersion as a precondition.
+pub fn replacing(existing: &Secret, desired: Secret) -> Secret {
+    let merge = |theirs: &Option<BTreeMap<String, String>>,
+                 ours: Option<BTreeMap<String, String>>| {
+        let mut merged = theirs.clone().unwrap_or_default();
+        merged.extend(ours.unwrap_or_default());
+        Some(merged)
+    };
+    Secret {
+        metadata: ObjectMeta {
+            labels: merge(&existing.metadata.labels, desired.metadata.labels),
+            annotations: merge(&existing.metadata.annotations, desired.metadata.annotations),
+            resource_version: existing.metadata.resource_version.clone(),
+            ..desired.metadata
+        },
+        ..desired
     }
 }
 
@@ -142,11 +181,6 @@ pub fn credential_hash(credentials: &Credentials) -> String {
     hex(&hasher.finalize())
 }
 
-/// A short digest of arbitrary text, for the issued-for annotation.
-pub fn digest(text: &str) -> String {
-    hex(&Sha256::digest(text.as_bytes()))[..32].to_string()
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -160,7 +194,7 @@ pub enum ExistingSecret {
     /// Ours. `credentials` is set when the credential fields are intact (unedited).
     Ours {
         credentials: Option<Credentials>,
-        issued_for: Option<String>,
+        record: IssueRecord,
     },
 }
 
@@ -199,11 +233,21 @@ pub fn inspect_secret(secret: Option<&Secret>, grant_uid: &str) -> ExistingSecre
     .filter(|c| annotations.get(CREDENTIAL_HASH_ANNOTATION) == Some(&credential_hash(c)));
     ExistingSecret::Ours {
         credentials,
-        issued_for: annotations.get(ISSUED_FOR_ANNOTATION).cloned(),
+        record: IssueRecord {
+            issued_for: annotations
+                .get(ISSUED_FOR_ANNOTATION)
+                .cloned()
+                .unwrap_or_default(),
+            issued_at: annotations
+                .get(ISSUED_AT_ANNOTATION)
+                .and_then(|t| t.parse().ok()),
+            rotation_handled: annotations.get(ROTATION_HANDLED_ANNOTATION).cloned(),
+        },
     }
 }
 
-/// True when writing `desired` would change what is stored (data, labels, annotations, owner).
+/// True when writing `desired` would change what is stored: the data (exactly), our
+/// labels and annotations, the owner, the type.
 pub fn needs_write(existing: Option<&Secret>, desired: &Secret) -> bool {
     let Some(existing) = existing else {
         return true;
@@ -214,7 +258,8 @@ pub fn needs_write(existing: Option<&Secret>, desired: &Secret) -> bool {
             .flatten()
             .all(|(k, v)| have.as_ref().and_then(|h| h.get(k)) == Some(v))
     };
-    existing.data != desired.data
+    existing.data.clone().unwrap_or_default() != desired.data.clone().unwrap_or_default()
+        || existing.type_ != desired.type_
         || !contains_all(&existing.metadata.labels, &desired.metadata.labels)
         || !contains_all(
             &existing.metadata.annotations,
@@ -231,8 +276,10 @@ fn owner_uids(owners: &Option<Vec<OwnerReference>>) -> Vec<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{Backend, S3GrantClass, S3GrantClassSpec, S3GrantSpec};
+    use crate::api::{Backend, S3Grant, S3GrantClass, S3GrantClassSpec, S3GrantSpec};
     use crate::plan::plan_grant;
+    use crate::request::GrantRequest;
+    use kube::Resource;
 
     fn grant_and_plan(duration: Option<&str>) -> (S3Grant, GrantPlan) {
         let spec: S3GrantSpec = serde_yaml::from_str(&format!(
@@ -262,8 +309,22 @@ mod tests {
                 allow_iam_users: None,
             },
         );
-        let plan = plan_grant(&grant, &class).unwrap();
+        let plan = plan_grant(&GrantRequest::parse(&grant).unwrap(), &class, None).unwrap();
         (grant, plan)
+    }
+
+    fn build(grant: &S3Grant, plan: &GrantPlan, credentials: &Credentials, for_: &str) -> Secret {
+        let record = IssueRecord {
+            issued_for: for_.into(),
+            issued_at: Some(Timestamp::from_second(1_700_000_000).unwrap()),
+            rotation_handled: Some("r1".into()),
+        };
+        build_secret(
+            plan,
+            grant.controller_owner_ref(&()).unwrap(),
+            credentials,
+            &record,
+        )
     }
 
     fn session() -> Credentials {
@@ -275,17 +336,35 @@ mod tests {
         }
     }
 
+    fn access_key() -> Credentials {
+        Credentials {
+            access_key_id: "AKIAEXAMPLE".into(),
+            secret_access_key: "secret/key2".into(),
+            session_token: None,
+            expiration: None,
+        }
+    }
+
     fn text(secret: &Secret, key: &str) -> String {
         String::from_utf8(secret.data.as_ref().unwrap()[key].0.clone()).unwrap()
+    }
+
+    fn keys(secret: &Secret) -> Vec<&str> {
+        secret
+            .data
+            .as_ref()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect()
     }
 
     #[test]
     fn secret_has_the_documented_keys_and_owner() {
         let (grant, plan) = grant_and_plan(Some("1h"));
-        let secret = build_secret(&grant, &plan, &session(), "x");
-        let keys: Vec<&String> = secret.data.as_ref().unwrap().keys().collect();
+        let secret = build(&grant, &plan, &session(), "x");
         assert_eq!(
-            keys,
+            keys(&secret),
             [
                 "AWS_ACCESS_KEY_ID",
                 "AWS_CREDENTIAL_EXPIRATION",
@@ -320,16 +399,18 @@ mod tests {
     }
 
     #[test]
-    fn intact_secret_gives_back_its_credentials() {
+    fn intact_secret_gives_back_its_credentials_and_its_record() {
         let (grant, plan) = grant_and_plan(Some("1h"));
-        let secret = build_secret(&grant, &plan, &session(), "issued");
+        let secret = build(&grant, &plan, &session(), "issued");
         match inspect_secret(Some(&secret), "uid-1") {
             ExistingSecret::Ours {
                 credentials,
-                issued_for,
+                record,
             } => {
                 assert_eq!(credentials, Some(session()));
-                assert_eq!(issued_for.as_deref(), Some("issued"));
+                assert_eq!(record.issued_for, "issued");
+                assert_eq!(record.issued_at.unwrap().as_second(), 1_700_000_000);
+                assert_eq!(record.rotation_handled.as_deref(), Some("r1"));
             }
             other => panic!("{other:?}"),
         }
@@ -338,7 +419,7 @@ mod tests {
     #[test]
     fn edited_credentials_are_not_trusted() {
         let (grant, plan) = grant_and_plan(None);
-        let mut secret = build_secret(&grant, &plan, &session(), "x");
+        let mut secret = build(&grant, &plan, &session(), "x");
         secret.data.as_mut().unwrap().insert(
             KEY_SECRET_ACCESS_KEY.into(),
             ByteString(b"tampered".to_vec()),
@@ -355,7 +436,7 @@ mod tests {
     #[test]
     fn secret_of_another_owner_is_foreign() {
         let (grant, plan) = grant_and_plan(None);
-        let secret = build_secret(&grant, &plan, &session(), "x");
+        let secret = build(&grant, &plan, &session(), "x");
         assert!(matches!(
             inspect_secret(Some(&secret), "uid-2"),
             ExistingSecret::Foreign
@@ -373,9 +454,9 @@ mod tests {
     }
 
     #[test]
-    fn unchanged_secret_needs_no_write() {
+    fn unchanged_secret_needs_no_write_and_any_extra_key_does() {
         let (grant, plan) = grant_and_plan(None);
-        let desired = build_secret(&grant, &plan, &session(), "x");
+        let desired = build(&grant, &plan, &session(), "x");
         let mut stored = desired.clone();
         stored.metadata.resource_version = Some("7".into());
         stored
@@ -385,8 +466,54 @@ mod tests {
             .unwrap()
             .insert("other".into(), "kept".into());
         assert!(!needs_write(Some(&stored), &desired));
+        let mut extra = stored.clone();
+        extra
+            .data
+            .as_mut()
+            .unwrap()
+            .insert("NOT_OURS".into(), ByteString(b"x".to_vec()));
+        assert!(
+            needs_write(Some(&extra), &desired),
+            "a key we did not write"
+        );
         stored.data.as_mut().unwrap().remove("S3_BUCKET");
         assert!(needs_write(Some(&stored), &desired));
         assert!(needs_write(None, &desired));
+    }
+
+    /// The STS → IAM switch: the Secret written over an STS one holds no session keys.
+    #[test]
+    fn replacing_a_session_secret_with_an_access_key_leaves_no_session_keys() {
+        let (sts_grant, sts_plan) = grant_and_plan(Some("1h"));
+        let mut stored = build(&sts_grant, &sts_plan, &session(), "x");
+        stored.metadata.resource_version = Some("42".into());
+        stored
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert("team".into(), "a".into());
+        let (grant, mut plan) = grant_and_plan(None);
+        plan.prefixes.truncate(1);
+        plan.endpoint = None;
+        let written = replacing(&stored, build(&grant, &plan, &access_key(), "user"));
+        assert_eq!(
+            keys(&written),
+            [
+                "AWS_ACCESS_KEY_ID",
+                "AWS_REGION",
+                "AWS_SECRET_ACCESS_KEY",
+                "S3_BUCKET",
+                "S3_PREFIX",
+                "credential_process.json",
+                "credentials"
+            ]
+        );
+        assert_eq!(written.metadata.resource_version.as_deref(), Some("42"));
+        assert_eq!(written.metadata.labels.as_ref().unwrap()["team"], "a");
+        assert!(matches!(
+            inspect_secret(Some(&written), "uid-1"),
+            ExistingSecret::Ours { credentials: Some(c), .. } if c == access_key()
+        ));
     }
 }

@@ -3,7 +3,8 @@
 
 use jiff::Timestamp;
 
-use crate::api::{Condition, S3GrantStatus};
+use crate::api::{Condition, Held, S3GrantStatus};
+use crate::plan::{CredentialPlan, GrantPlan};
 use crate::secret::rfc3339;
 
 pub const READY: &str = "Ready";
@@ -34,12 +35,77 @@ pub fn ready_condition(
     }
 }
 
-/// A status that reports a failure and keeps the facts that are still true.
+/// What an issue produced, as the status reports it (no secret value).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Issued {
+    pub access_key_id: String,
+    pub expires_at: Option<Timestamp>,
+    /// Whether new credentials were written this time.
+    pub changed: bool,
+    /// Things the reader should know (a clamped duration, a waiting rotation, a user
+    /// not yet released on an old backend).
+    pub notes: Vec<String>,
+    /// The rotation request the credentials in the Secret answer.
+    pub handled_rotation_request: Option<String>,
+}
+
+/// The status of a grant whose Secret holds working credentials.
+pub fn ready_status(
+    plan: &GrantPlan,
+    issued: &Issued,
+    held: Vec<Held>,
+    generation: Option<i64>,
+    previous: Option<&S3GrantStatus>,
+    now: Timestamp,
+) -> S3GrantStatus {
+    let mut message = format!(
+        "{} credentials for {} ({}) are in Secret {}",
+        plan.credential_kind(),
+        plan.scope(),
+        plan.mode,
+        plan.secret_name
+    );
+    for note in &issued.notes {
+        message.push_str("; ");
+        message.push_str(note);
+    }
+    let last_rotated = if issued.changed {
+        Some(rfc3339(now))
+    } else {
+        previous.and_then(|s| s.last_rotated.clone())
+    };
+    let (iam_user, role_session_name) = match &plan.credential {
+        CredentialPlan::IamUser { user_name, .. } => (Some(user_name.clone()), None),
+        CredentialPlan::StsSession { session_name, .. } => (None, Some(session_name.clone())),
+    };
+    S3GrantStatus {
+        observed_generation: generation,
+        conditions: vec![ready_condition(
+            true, "Issued", message, generation, previous, now,
+        )],
+        credential_kind: Some(plan.credential_kind().into()),
+        class_name: Some(plan.class_name.clone()),
+        secret_name: Some(plan.secret_name.clone()),
+        iam_user,
+        role_session_name,
+        access_key_id: Some(issued.access_key_id.clone()),
+        expires_at: issued.expires_at.map(rfc3339),
+        last_rotated,
+        handled_rotation_request: issued.handled_rotation_request.clone(),
+        policy_size: Some(plan.policy_size as i64),
+        held,
+    }
+}
+
+/// A status that reports a failure and keeps the facts that are still true. With
+/// `revoked`, the credentials are gone: only the ledger (what could not be removed yet)
+/// and the last handled rotation request stay.
 pub fn failed_status(
     previous: Option<&S3GrantStatus>,
     reason: &str,
     message: String,
     generation: Option<i64>,
+    held: Vec<Held>,
     revoked: bool,
     now: Timestamp,
 ) -> S3GrantStatus {
@@ -55,6 +121,7 @@ pub fn failed_status(
     status.conditions = vec![ready_condition(
         false, reason, message, generation, previous, now,
     )];
+    status.held = held;
     status
 }
 
@@ -108,6 +175,7 @@ mod tests {
             "NotPermitted",
             "m".into(),
             Some(3),
+            Vec::new(),
             true,
             at(0),
         );
@@ -119,6 +187,7 @@ mod tests {
             "AwsError",
             "m".into(),
             Some(3),
+            Vec::new(),
             false,
             at(0),
         );

@@ -240,9 +240,24 @@ pub async fn apply_class(client: &Client, yaml: &str) -> S3GrantClass {
     .expect("apply class")
 }
 
+/// Deletes a class and waits until it is gone: a class s3grant's grants hold something on
+/// goes once an operator has revoked them. A class still there after 20 s (its operator
+/// was stopped first) has its finalizers removed, so it does not linger in the testbed.
 pub async fn delete_class(client: &Client, name: &str) {
     let api: Api<S3GrantClass> = Api::all(client.clone());
     let _ = api.delete(name, &DeleteParams::default()).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if api.get_opt(name).await.ok().flatten().is_none() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("class {name} still there 20 s after its deletion: removing its finalizers");
+    let strip = serde_json::json!({"metadata": {"finalizers": null}});
+    let _ = api
+        .patch(name, &PatchParams::default(), &Patch::Merge(&strip))
+        .await;
 }
 
 /// Creates a grant from YAML in `namespace`.
@@ -477,6 +492,14 @@ impl Operator {
         let url = format!("{}/readyz", self.admin);
         wait_for(Duration::from_secs(60), "the operator to be ready", || {
             http_get(&url)
+        })
+        .await;
+    }
+
+    /// Waits until the sweep at start is done.
+    pub async fn wait_swept(&self) {
+        wait_for(Duration::from_secs(60), "the first sweep", || async move {
+            (self.counter("s3grant_sweeps_total").await >= 1).then_some(())
         })
         .await;
     }
