@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one entry point to s3grant's test servers: a Kubernetes API server (kube),
-# moto (IAM users and keys, enforced) and Ceph RGW (real policy evaluation, STS).
+# moto (IAM users and keys, enforced), a second moto (moto2: a second AWS account, for
+# grants that move between backends) and Ceph RGW (real policy evaluation, STS).
 #
 #   tests/testbed.sh up           install what is missing, start all three, write $STATE/env
 #   tests/testbed.sh down         stop exactly what `up` started (by pid)
@@ -29,7 +30,7 @@ die() { echo "[testbed] error: $*" >&2; exit 1; }
 
 # Set SERVERS to the servers to run, in start order.
 select_servers() {
-  SERVERS=(moto rgw)
+  SERVERS=(moto moto2 rgw)
   if [[ "$WITHOUT_KUBE" == 1 ]]; then
     echo "[testbed] WARNING: S3GRANT_TESTBED_WITHOUT_KUBE=1: no Kubernetes API server;" \
       "tests that need one will fail" >&2
@@ -40,7 +41,18 @@ select_servers() {
   fi
 }
 
-script() { echo "$HERE/testbed/$1.sh"; }
+script() {
+  case "$1" in
+    moto2) echo "$HERE/testbed/moto.sh" ;;
+    *) echo "$HERE/testbed/$1.sh" ;;
+  esac
+}
+
+# Run "<server's script> <verb>"; moto2 is a second instance of moto.sh.
+server() {
+  local name="$1"; shift
+  MOTO_NAME="$name" "$(script "$name")" "$@"
+}
 
 envfile_of() {
   case "$1" in
@@ -56,7 +68,7 @@ since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 timed() {
   local server="$1" verb="$2" t0
   t0="$(now)"
-  "$(script "$server")" "$verb" || die "$server $verb failed"
+  server "$server" "$verb" || die "$server $verb failed"
   log "$server $verb: $(since "$t0") s"
 }
 
@@ -92,10 +104,10 @@ cmd_up() {
 cmd_down() {
   local server failed=0
   # Whatever is there, whether or not kube was skipped at `up`.
-  SERVERS=(moto rgw)
+  SERVERS=(moto moto2 rgw)
   [[ -x "$(script kube)" ]] && SERVERS=(kube "${SERVERS[@]}")
   for server in "${SERVERS[@]}"; do
-    "$(script "$server")" down || { echo "[testbed] $server down failed" >&2; failed=1; }
+    server "$server" down || { echo "[testbed] $server down failed" >&2; failed=1; }
   done
   rm -f "$ENVFILE"
   return "$failed"
@@ -105,7 +117,7 @@ cmd_status() {
   local server failed=0
   select_servers
   for server in "${SERVERS[@]}"; do
-    "$(script "$server")" status || failed=1
+    server "$server" status || failed=1
   done
   [[ -s "$ENVFILE" ]] || { echo "env: $ENVFILE missing (run tests/testbed.sh up)"; failed=1; }
   return "$failed"

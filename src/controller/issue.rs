@@ -260,12 +260,17 @@ async fn issue_iam_user(
     let current = current.filter(|_| step.record.issued_for == digest(user_name));
     let pending = step.pending_rotation();
     if let (Some(current), true, None) = (&current, cacheable, pending) {
-        let verified = locked(&ctx.verified);
-        if let Some(entry) = verified.get(uid).filter(|v| {
-            v.fingerprint == fingerprint
-                && v.access_key_id == current.access_key_id
-                && now < v.next_due
-        }) {
+        let hit = locked(&ctx.verified)
+            .get(uid)
+            .filter(|v| {
+                v.fingerprint == fingerprint
+                    && v.access_key_id == current.access_key_id
+                    && now < v.next_due
+            })
+            .map(|v| v.next_due);
+        if let Some(next_due) = hit {
+            // AWS needs nothing; the Secret may still have been edited around the key.
+            step.write(current, &step.record).await?;
             let issued = Issued {
                 access_key_id: current.access_key_id.clone(),
                 handled_rotation_request: step.handled_rotation(),
@@ -275,7 +280,7 @@ async fn issue_iam_user(
                 .status
                 .and_then(|s| s.held.iter().find(|h| &h.name == user_name))
                 .and_then(|h| h.id.clone());
-            return Ok((issued, entry.next_due, None, user_id));
+            return Ok((issued, next_due, None, user_id));
         }
     }
 

@@ -38,6 +38,8 @@ pub struct AwsTarget {
 pub struct Testbed {
     pub kube: Client,
     pub moto: AwsTarget,
+    /// A second moto: a second AWS account, for grants that move between backends.
+    pub moto2: AwsTarget,
     pub rgw: AwsTarget,
     pub ceph_conf: String,
 }
@@ -84,6 +86,7 @@ pub async fn testbed() -> Option<Testbed> {
     Some(Testbed {
         kube,
         moto: target("MOTO"),
+        moto2: target("MOTO2"),
         rgw: target("RGW"),
         ceph_conf: required("S3GRANT_TEST_CEPH_CONF"),
     })
@@ -178,7 +181,15 @@ pub async fn backend_credentials_secret(
     namespace: &str,
     target: &AwsTarget,
 ) -> String {
-    let name = "backend-admin".to_string();
+    let port = target.endpoint.rsplit(':').next().unwrap_or_default();
+    let name = format!("backend-admin-{port}");
+    let existing = Api::<Secret>::namespaced(client.clone(), namespace)
+        .get_opt(&name)
+        .await
+        .expect("read backend credentials secret");
+    if existing.is_some() {
+        return name;
+    }
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(name.clone()),
@@ -436,6 +447,11 @@ pub struct Operator {
 
 impl Operator {
     pub fn start(namespace: &str, extra_args: &[&str]) -> Operator {
+        Operator::start_with_env(namespace, extra_args, &[])
+    }
+
+    /// Starts the operator with extra environment variables (e.g. `S3GRANT_CRASH_AT`).
+    pub fn start_with_env(namespace: &str, extra_args: &[&str], env: &[(&str, &str)]) -> Operator {
         let port = free_port();
         let log_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("operator-logs");
         std::fs::create_dir_all(&log_dir).unwrap();
@@ -448,6 +464,7 @@ impl Operator {
             .args(extra_args)
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env("RUST_LOG", "info,s3grant=debug")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
@@ -457,6 +474,13 @@ impl Operator {
             admin: format!("http://127.0.0.1:{port}"),
             log,
         }
+    }
+
+    /// Whether the process is still running (a crash point ends it).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
     /// SIGKILL: no cleanup, no graceful shutdown.
@@ -603,6 +627,22 @@ pub async fn wait_gone(client: &Client, namespace: &str, name: &str) {
         },
     )
     .await;
+}
+
+/// The access key ids of an IAM user on a testbed server (none when it does not exist).
+pub async fn access_keys(target: &AwsTarget, user: &str) -> Vec<String> {
+    iam_admin(target)
+        .list_access_keys()
+        .user_name(user)
+        .send()
+        .await
+        .map(|o| {
+            o.access_key_metadata()
+                .iter()
+                .filter_map(|k| k.access_key_id().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The IAM users under `path` on a testbed server, by name.

@@ -8,7 +8,10 @@
 #   tests/testbed/moto.sh env       print moto.env (contains the admin secret key)
 #   tests/testbed/moto.sh python    print the venv's python (used by rgw.sh)
 #
-# State: ${S3GRANT_TESTBED_DIR:-<repo>/.testbed}/moto/ (pid, log, moto.env).
+# State: ${S3GRANT_TESTBED_DIR:-<repo>/.testbed}/$MOTO_NAME/ (pid, log, $MOTO_NAME.env).
+# MOTO_NAME (default moto) names the instance: the testbed runs a second one, moto2,
+# as a second AWS account (its own users, keys and admin) for grants that move between
+# backends; its variables are S3GRANT_TEST_MOTO2_*.
 # See tests/README.md for what moto enforces and what it does not.
 set -euo pipefail
 
@@ -21,17 +24,19 @@ FREE_REQUESTS=3
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
 TESTBED="${S3GRANT_TESTBED_DIR:-$REPO/.testbed}"
-STATE="$TESTBED/moto"
+NAME="${MOTO_NAME:-moto}"
+VAR_PREFIX="S3GRANT_TEST_$(echo "$NAME" | tr '[:lower:]' '[:upper:]')"
+STATE="$TESTBED/$NAME"
 CACHE="${S3GRANT_TESTBED_CACHE:-$HOME/.cache/s3grant-testbed}"
 VENV="$CACHE/venv-moto-$MOTO_VERSION"
 PY="$VENV/bin/python"
 HELPER="$HERE/testbed_aws.py"
-PIDFILE="$STATE/moto.pid"
-ENVFILE="$STATE/moto.env"
-LOG="$STATE/moto.log"
+PIDFILE="$STATE/$NAME.pid"
+ENVFILE="$STATE/$NAME.env"
+LOG="$STATE/$NAME.log"
 
-log() { echo "[moto] $*" >&2; }
-die() { echo "[moto] error: $*" >&2; exit 1; }
+log() { echo "[$NAME] $*" >&2; }
+die() { echo "[$NAME] error: $*" >&2; exit 1; }
 
 system_python() {
   # Debian's python3 (python3-venv) is preferred: it does not depend on a pyenv setup.
@@ -69,7 +74,7 @@ running_pid() {
   echo "$pid"
 }
 
-endpoint() { sed -n 's/^export S3GRANT_TEST_MOTO_ENDPOINT=//p' "$ENVFILE" 2>/dev/null; }
+endpoint() { sed -n "s/^export ${VAR_PREFIX}_ENDPOINT=//p" "$ENVFILE" 2>/dev/null; }
 
 start_server() {
   local port="$1"
@@ -93,7 +98,7 @@ cmd_up() {
   cmd_install
   mkdir -p "$STATE"
   if running_pid >/dev/null && [[ -s "$ENVFILE" ]]; then
-    if "$PY" "$HELPER" moto-check --env-file "$ENVFILE" >&2; then
+    if "$PY" "$HELPER" moto-check --env-file "$ENVFILE" --var-prefix "$VAR_PREFIX" >&2; then
       log "already running at $(endpoint) (pid $(cat "$PIDFILE"))"
       return 0
     fi
@@ -106,7 +111,7 @@ cmd_up() {
   start_server "$port"
   wait_ready "$url"
   log "bootstrapping admin, role and bucket on $url"
-  if ! "$PY" "$HELPER" moto-bootstrap --endpoint "$url" --env-file "$ENVFILE" >&2; then
+  if ! "$PY" "$HELPER" moto-bootstrap --endpoint "$url" --env-file "$ENVFILE" --var-prefix "$VAR_PREFIX" >&2; then
     tail -n 30 "$LOG" >&2 || true
     cmd_down
     die "bootstrap failed"
@@ -127,13 +132,13 @@ cmd_down() {
 
 cmd_status() {
   local pid
-  pid="$(running_pid)" || { echo "moto: down"; return 1; }
-  [[ -s "$ENVFILE" ]] || { echo "moto: pid $pid but no $ENVFILE"; return 1; }
-  if "$PY" "$HELPER" moto-check --env-file "$ENVFILE" >/dev/null 2>&1; then
+  pid="$(running_pid)" || { echo "$NAME: down"; return 1; }
+  [[ -s "$ENVFILE" ]] || { echo "$NAME: pid $pid but no $ENVFILE"; return 1; }
+  if "$PY" "$HELPER" moto-check --env-file "$ENVFILE" --var-prefix "$VAR_PREFIX" >/dev/null 2>&1; then
     local rss; rss="$(awk '/VmRSS/ {print int($2/1024)}' "/proc/$pid/status")"
-    echo "moto: up at $(endpoint), pid $pid, RSS ${rss} MB, IAM enforced"
+    echo "$NAME: up at $(endpoint), pid $pid, RSS ${rss} MB, IAM enforced"
   else
-    echo "moto: pid $pid at $(endpoint) but the health check failed (log: $LOG)"
+    echo "$NAME: pid $pid at $(endpoint) but the health check failed (log: $LOG)"
     return 1
   fi
 }

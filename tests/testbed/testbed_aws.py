@@ -207,23 +207,25 @@ def cmd_moto_bootstrap(args):
     )
     say(f"AssumeRole on {role['Arn']} works ({assumed['AssumedRoleUser']['Arn']})")
 
+    p = args.var_prefix
     write_env(args.env_file, [
-        ("S3GRANT_TEST_MOTO_ENDPOINT", endpoint),
-        ("S3GRANT_TEST_MOTO_ACCESS_KEY_ID", key_id),
-        ("S3GRANT_TEST_MOTO_SECRET_ACCESS_KEY", secret),
-        ("S3GRANT_TEST_MOTO_ADMIN_ARN", admin_arn),
-        ("S3GRANT_TEST_MOTO_ROLE_ARN", role["Arn"]),
-        ("S3GRANT_TEST_MOTO_BUCKET", BUCKET),
-        ("S3GRANT_TEST_MOTO_REGION", REGION),
+        (f"{p}_ENDPOINT", endpoint),
+        (f"{p}_ACCESS_KEY_ID", key_id),
+        (f"{p}_SECRET_ACCESS_KEY", secret),
+        (f"{p}_ADMIN_ARN", admin_arn),
+        (f"{p}_ROLE_ARN", role["Arn"]),
+        (f"{p}_BUCKET", BUCKET),
+        (f"{p}_REGION", REGION),
     ])
 
 
 def cmd_moto_check(args):
     env = read_env(args.env_file)
+    p = args.var_prefix
     moto_prove_enforcement(
-        env["S3GRANT_TEST_MOTO_ENDPOINT"],
-        env["S3GRANT_TEST_MOTO_ACCESS_KEY_ID"],
-        env["S3GRANT_TEST_MOTO_SECRET_ACCESS_KEY"],
+        env[f"{p}_ENDPOINT"],
+        env[f"{p}_ACCESS_KEY_ID"],
+        env[f"{p}_SECRET_ACCESS_KEY"],
     )
 
 
@@ -343,9 +345,11 @@ def main():
     mb = sub.add_parser("moto-bootstrap")
     mb.add_argument("--endpoint", required=True)
     mb.add_argument("--env-file", required=True)
+    mb.add_argument("--var-prefix", default="S3GRANT_TEST_MOTO")
     mb.set_defaults(func=cmd_moto_bootstrap)
     mc = sub.add_parser("moto-check")
     mc.add_argument("--env-file", required=True)
+    mc.add_argument("--var-prefix", default="S3GRANT_TEST_MOTO")
     mc.set_defaults(func=cmd_moto_check)
     rb = sub.add_parser("rgw-bootstrap")
     rb.add_argument("--endpoint", required=True)
