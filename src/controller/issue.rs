@@ -397,9 +397,11 @@ async fn issue_sts_session(
         unreachable!("issue_sts_session is only called for STS plans");
     };
     let (duration, note) = effective_duration(*requested, step.aws.role_chaining);
-    // A session is reused only if it was issued for exactly this role, name, lifetime and policy.
+    // A session is reused only if it was issued by this backend for exactly this role,
+    // name, lifetime and policy (two accounts can have roles of the same ARN).
     let wanted_for = digest(&format!(
-        "{role_arn}\n{session_name}\n{}\n{}",
+        "{}\n{role_arn}\n{session_name}\n{}\n{}",
+        step.plan.backend.id,
         duration.as_secs(),
         step.plan.policy.to_compact_json()
     ));

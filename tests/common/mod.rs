@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod proxy;
 pub mod rgw;
 
 use std::collections::BTreeMap;
