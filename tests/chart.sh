@@ -281,7 +281,8 @@ def check_pod(docs, leader_election, replicas, lease_namespace, extra_env=()):
     assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}, env["POD_NAME"]
     for name in ["S3GRANT_CONCURRENCY", "S3GRANT_KEY_GRACE_PERIOD", "S3GRANT_RESYNC_PERIOD",
                  "S3GRANT_ADMIN_ADDR", "S3GRANT_LOG_JSON", "S3GRANT_LEADER_ELECTION",
-                 "S3GRANT_LEASE_NAMESPACE", "S3GRANT_LEASE_DURATION", "RUST_LOG", *extra_env]:
+                 "S3GRANT_LEASE_NAMESPACE", "S3GRANT_LEASE_DURATION", "S3GRANT_SWEEP_MIN_AGE",
+                 "RUST_LOG", *extra_env]:
         assert name in env and isinstance(env[name].get("value"), str), f"env {name}: {env.get(name)}"
     assert env["S3GRANT_ADMIN_ADDR"]["value"] == "0.0.0.0:8080", env["S3GRANT_ADMIN_ADDR"]
     assert env["S3GRANT_LEADER_ELECTION"]["value"] == ("true" if leader_election else "false")
@@ -291,13 +292,14 @@ def check_pod(docs, leader_election, replicas, lease_namespace, extra_env=()):
     return dep, c, env
 
 CLUSTER_RULES = [
-    ([""], ["secrets"], ["get", "list", "watch", "create", "patch", "delete"]),
+    ([""], ["secrets"], ["get", "list", "watch", "create", "update", "delete"]),
     ([""], ["namespaces"], ["get", "list", "watch"]),
     (["events.k8s.io"], ["events"], ["create", "patch"]),
     (["s3grant.io"], ["s3grants"], ["get", "list", "watch", "patch"]),
     (["s3grant.io"], ["s3grants/status"], ["patch"]),
     (["s3grant.io"], ["s3grants/finalizers"], ["update"]),
-    (["s3grant.io"], ["s3grantclasses"], ["get", "list", "watch"]),
+    (["s3grant.io"], ["s3grantclasses"], ["get", "list", "watch", "patch"]),
+    (["s3grant.io"], ["s3grantclasses/status"], ["patch"]),
 ]
 
 def check_rbac(docs, leader_election, lease_namespace):
@@ -377,7 +379,8 @@ elif what == "all-features":
     assert kinds(docs) == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "RoleBinding",
                            "S3GrantClass", "Service", "ServiceAccount", "ServiceMonitor"], kinds(docs)
     dep, c, env = check_pod(docs, leader_election=True, replicas=2, lease_namespace="s3grant-system",
-                            extra_env=["S3GRANT_WATCH_NAMESPACE", "AWS_STS_REGIONAL_ENDPOINTS"])
+                            extra_env=["S3GRANT_WATCH_NAMESPACE", "S3GRANT_CLUSTER_ID",
+                                       "AWS_STS_REGIONAL_ENDPOINTS"])
     assert c["image"].startswith("s3grant@sha256:"), c["image"]
     check_rbac(docs, leader_election=True, lease_namespace="s3grant-system")
     svc = check_service(docs, dep)
