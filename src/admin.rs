@@ -1,9 +1,13 @@
-//! The admin server: `/livez`, `/readyz` (ready once the CRDs are served and the first
-//! sync of grants and classes is done) and `/metrics` in Prometheus text format.
+//! The admin server: `/livez` (alive unless a reconcile has been running longer than the
+//! wedge timeout: every call it makes has a shorter timeout, so it is stuck), `/readyz`
+//! (ready once the CRDs are served and the first sync of grants and classes is done) and
+//! `/metrics` in Prometheus text format.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -18,6 +22,30 @@ pub struct Readiness {
     synced: AtomicBool,
     leading: AtomicBool,
     standby: AtomicBool,
+    /// Reconciles in flight, by a sequence number, with when each began.
+    in_flight: Mutex<HashMap<u64, Instant>>,
+    next_reconcile: AtomicU64,
+    /// In seconds; 0 means the default.
+    wedge_timeout: AtomicU64,
+}
+
+/// The default bound past which a running reconcile counts as wedged.
+pub const DEFAULT_WEDGE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A reconcile in flight; it stops counting when dropped.
+pub struct InFlight<'a> {
+    readiness: &'a Readiness,
+    id: u64,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.readiness
+            .in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+    }
 }
 
 impl Readiness {
@@ -41,6 +69,43 @@ impl Readiness {
     pub fn is_leading(&self) -> bool {
         self.leading.load(Ordering::SeqCst)
     }
+
+    pub fn set_wedge_timeout(&self, timeout: Duration) {
+        self.wedge_timeout
+            .store(timeout.as_secs().max(1), Ordering::SeqCst);
+    }
+
+    fn wedge_timeout(&self) -> Duration {
+        match self.wedge_timeout.load(Ordering::SeqCst) {
+            0 => DEFAULT_WEDGE_TIMEOUT,
+            seconds => Duration::from_secs(seconds),
+        }
+    }
+
+    /// Marks a reconcile as running until the guard is dropped.
+    pub fn reconcile_started(&self) -> InFlight<'_> {
+        let id = self.next_reconcile.fetch_add(1, Ordering::SeqCst);
+        self.in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, Instant::now());
+        InFlight {
+            readiness: self,
+            id,
+        }
+    }
+
+    /// How long the oldest reconcile has been running, when that is past the wedge timeout.
+    pub fn wedged(&self) -> Option<Duration> {
+        let oldest = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .map(Instant::elapsed)
+            .max()?;
+        (oldest > self.wedge_timeout()).then_some(oldest)
+    }
 }
 
 #[derive(Clone)]
@@ -55,13 +120,26 @@ pub async fn serve(
     readiness: Arc<Readiness>,
 ) -> std::io::Result<()> {
     let app = Router::new()
-        .route("/livez", get(|| async { "ok\n" }))
+        .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .with_state(AdminState { metrics, readiness });
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "admin server listening");
     axum::serve(listener, app).await
+}
+
+async fn livez(State(state): State<AdminState>) -> impl IntoResponse {
+    match state.readiness.wedged() {
+        None => (StatusCode::OK, "ok\n".to_string()),
+        Some(running) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "wedged: a reconcile has been running for {} s, longer than every timeout it has\n",
+                running.as_secs()
+            ),
+        ),
+    }
 }
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
@@ -83,4 +161,22 @@ async fn metrics_text(State(state): State<AdminState>) -> impl IntoResponse {
         )],
         state.metrics.render(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reconcile_running_past_the_wedge_timeout_means_not_alive() {
+        let readiness = Readiness::default();
+        readiness.set_wedge_timeout(Duration::from_secs(1));
+        assert_eq!(readiness.wedged(), None, "nothing running");
+        let running = readiness.reconcile_started();
+        assert_eq!(readiness.wedged(), None, "just started");
+        std::thread::sleep(Duration::from_millis(1100));
+        assert!(readiness.wedged().is_some(), "running for longer than 1 s");
+        drop(running);
+        assert_eq!(readiness.wedged(), None, "finished");
+    }
 }

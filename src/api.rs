@@ -193,6 +193,10 @@ pub struct Held {
     /// The id AWS gave it (IAM's UserId), once known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// When it was recorded, RFC 3339: IAM is eventually consistent, so a user recorded
+    /// moments ago and not found may simply not be visible yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

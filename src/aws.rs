@@ -10,6 +10,11 @@ use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
+use aws_smithy_runtime_api::box_error::BoxError;
+use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef;
+use aws_smithy_runtime_api::client::interceptors::Intercept;
+use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
+use aws_smithy_types::config_bag::ConfigBag;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
@@ -17,6 +22,7 @@ use kube::api::Api;
 
 use crate::api::{BackendRecord, DEFAULT_REGION};
 use crate::error::{Error, Result};
+use crate::leader::{Fence, NotLeader};
 use crate::metrics::{AwsCallCounter, Metrics};
 
 /// Credentials handed to a tenant. Their `Debug` never shows the secret parts.
@@ -72,7 +78,8 @@ pub async fn load_base_config() -> SdkConfig {
 /// endpoint, and the keys in its credentials Secret when it names one. Whether the
 /// default chain gives role credentials is resolved once (`default_chain_is_role`):
 /// calling the provider directly bypasses the SDK's identity cache, so it must not
-/// happen on every reconcile.
+/// happen on every reconcile. Every call through these clients is refused while `fence`
+/// is closed ([`FenceGuard`]).
 pub async fn clients_for(
     base: &SdkConfig,
     backend: &BackendRecord,
@@ -80,6 +87,7 @@ pub async fn clients_for(
     secrets: impl Fn(&str) -> Api<Secret>,
     metrics: Arc<Metrics>,
     default_chain_is_role: &tokio::sync::OnceCell<bool>,
+    fence: &Fence,
 ) -> Result<AwsClients> {
     let class_name = class_name.to_string();
     let mut config = base.to_builder();
@@ -128,11 +136,13 @@ pub async fn clients_for(
     let config = config.build();
     let iam = aws_sdk_iam::Client::from_conf(
         aws_sdk_iam::config::Builder::from(&config)
+            .interceptor(FenceGuard(fence.clone()))
             .interceptor(AwsCallCounter(metrics.clone()))
             .build(),
     );
     let sts = aws_sdk_sts::Client::from_conf(
         aws_sdk_sts::config::Builder::from(&config)
+            .interceptor(FenceGuard(fence.clone()))
             .interceptor(AwsCallCounter(metrics))
             .build(),
     );
@@ -141,6 +151,43 @@ pub async fn clients_for(
         sts,
         role_chaining,
     })
+}
+
+/// Refuses every AWS call (reads too) while the leader-election fence is closed. It runs
+/// on each attempt after signing, the last step before the request is sent, so a replica
+/// that was paused past its lease and resumes cannot send one before it notices.
+#[derive(Debug)]
+pub struct FenceGuard(pub Fence);
+
+impl Intercept for FenceGuard {
+    fn name(&self) -> &'static str {
+        "s3grant-leader-fence"
+    }
+
+    fn read_before_transmit(
+        &self,
+        _context: &BeforeTransmitInterceptorContextRef<'_>,
+        _runtime_components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> std::result::Result<(), BoxError> {
+        if self.0.is_open() {
+            Ok(())
+        } else {
+            Err(Box::new(NotLeader))
+        }
+    }
+}
+
+/// Whether an SDK error is the fence's refusal (somewhere in its chain of sources).
+fn refused_by_fence(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(err);
+    while let Some(err) = cause {
+        if err.is::<NotLeader>() {
+            return true;
+        }
+        cause = err.source();
+    }
+    false
 }
 
 async fn read_backend_credentials(
@@ -177,6 +224,13 @@ async fn read_backend_credentials(
     ))
 }
 
+/// The code of an AWS call the fence refused (it was never sent).
+pub const NOT_LEADER_CODE: &str = "NotLeader";
+
+/// The code of a call that got no answer at all (a timeout, a connection that failed):
+/// not AWS's, ours, so the backend's circuit breaker can tell silence from refusal.
+pub const NO_ANSWER: &str = "NoAnswer";
+
 /// What went wrong in one AWS call, with the error code when the service sent one.
 #[derive(Debug)]
 pub struct AwsFailure {
@@ -197,6 +251,16 @@ impl AwsFailure {
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
         use aws_smithy_runtime_api::client::result::SdkError;
+        if refused_by_fence(&err) {
+            // Not sent: another replica may be acting. Transient, so no grant is told to fix
+            // anything; this replica exits as soon as it notices.
+            return AwsFailure {
+                code: Some(NOT_LEADER_CODE.into()),
+                status: None,
+                message: NotLeader.to_string(),
+                transient: true,
+            };
+        }
         match &err {
             SdkError::ServiceError(service) => {
                 let status = service.raw().status().as_u16();
@@ -216,9 +280,13 @@ impl AwsFailure {
                     transient,
                 }
             }
-            SdkError::TimeoutError(_)
-            | SdkError::DispatchFailure(_)
-            | SdkError::ResponseError(_) => AwsFailure {
+            SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) => AwsFailure {
+                code: Some(NO_ANSWER.into()),
+                status: None,
+                message: aws_smithy_types::error::display::DisplayErrorContext(&err).to_string(),
+                transient: true,
+            },
+            SdkError::ResponseError(_) => AwsFailure {
                 code: None,
                 status: None,
                 message: aws_smithy_types::error::display::DisplayErrorContext(&err).to_string(),
@@ -361,5 +429,86 @@ mod classification_tests {
         // Ceph RGW answers unsupported IAM calls with a body the SDK cannot parse.
         let rgw = get_user_failure(405, "<Error><Code>MethodNotAllowed</Code></Error>").await;
         assert_eq!(rgw.category(), "AwsError", "{rgw}");
+    }
+
+    /// IAM and STS clients as `clients_for` builds them, answering from `replay`.
+    async fn fenced_clients(fence: &Fence, replay: StaticReplayClient) -> AwsClients {
+        let base = aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .credentials_provider(aws_credential_types::Credentials::for_tests())
+            .retry_config(RetryConfig::standard().with_max_attempts(3))
+            .http_client(replay)
+            .load()
+            .await;
+        let backend = BackendRecord {
+            id: "b".into(),
+            region: None,
+            endpoint: Some("http://127.0.0.1:1".into()),
+            credentials_secret_ref: None,
+        };
+        let chain_is_role = tokio::sync::OnceCell::new_with(Some(false));
+        clients_for(
+            &base,
+            &backend,
+            "c",
+            |_| unreachable!("no credentials Secret"),
+            Arc::new(Metrics::default()),
+            &chain_is_role,
+            fence,
+        )
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_closed_fence_refuses_every_call_before_it_is_sent() {
+        let replay = StaticReplayClient::new(vec![]);
+        let fence = Fence::standby();
+        let aws = fenced_clients(&fence, replay.clone()).await;
+        let refused = aws
+            .iam
+            .create_user()
+            .user_name("u")
+            .send()
+            .await
+            .map_err(aws_error("iam:CreateUser"))
+            .unwrap_err();
+        assert_eq!(refused.category(), "AwsTransient", "{refused}");
+        assert!(!refused.is_user_error());
+        assert!(refused.to_string().contains("not the leader"), "{refused}");
+        let read = aws
+            .sts
+            .get_caller_identity()
+            .send()
+            .await
+            .map_err(aws_error("sts:GetCallerIdentity"))
+            .unwrap_err();
+        assert!(
+            matches!(&read, Error::Aws { code: Some(code), .. } if code == NOT_LEADER_CODE),
+            "{read}"
+        );
+        assert!(
+            replay.actual_requests().next().is_none(),
+            "nothing was sent"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_open_fence_lets_calls_through() {
+        let replay = StaticReplayClient::new(vec![ReplayEvent::new(
+            http::Request::builder()
+                .uri("http://127.0.0.1:1/")
+                .body(SdkBody::empty())
+                .unwrap(),
+            http::Response::builder()
+                .status(200)
+                .body(SdkBody::from(
+                    "<GetUserResponse><GetUserResult><User><UserName>u</UserName><UserId>AID</UserId><Arn>arn:aws:iam::1:user/u</Arn><Path>/</Path><CreateDate>2026-01-01T00:00:00Z</CreateDate></User></GetUserResult></GetUserResponse>",
+                ))
+                .unwrap(),
+        )]);
+        let aws = fenced_clients(&Fence::unfenced(), replay.clone()).await;
+        aws.iam.get_user().user_name("u").send().await.unwrap();
+        assert_eq!(replay.actual_requests().count(), 1);
     }
 }

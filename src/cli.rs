@@ -40,7 +40,8 @@ pub enum Command {
 /// `s3grant run` flags; each also reads an environment variable.
 #[derive(Clone, Debug, Args)]
 pub struct RunConfig {
-    /// Grants reconciled at once (IAM rate-limits its API).
+    /// Grants reconciled at once per backend (IAM rate-limits its API per account). The
+    /// controller runs up to twice that in all, so a stalled backend cannot take every slot.
     #[arg(long, env = "S3GRANT_CONCURRENCY", default_value_t = 4)]
     pub concurrency: u16,
     /// How long a replaced access key stays valid after a rotation, for pods still using it.
@@ -61,6 +62,15 @@ pub struct RunConfig {
     /// (IAM is eventually consistent: a new user can be invisible to reads for a while).
     #[arg(long, env = "S3GRANT_SWEEP_MIN_AGE", default_value = "10m", value_parser = duration_arg)]
     pub sweep_min_age: Duration,
+    /// A reconcile running longer than this makes /livez fail (every call it makes has a
+    /// shorter timeout, so it is stuck), so that the kubelet restarts a wedged operator.
+    #[arg(long, env = "S3GRANT_WEDGE_TIMEOUT", default_value = "5m", value_parser = duration_arg)]
+    pub wedge_timeout: Duration,
+    /// How long a connection to the API server may stay silent while a response is
+    /// awaited. Longer than a watch's own 290 s, so quiet watches are not cut; a stalled
+    /// connection is given up after it.
+    #[arg(long, env = "S3GRANT_KUBE_READ_TIMEOUT", default_value = "5m", value_parser = duration_arg)]
+    pub kube_read_timeout: Duration,
     /// Address of the admin server (/livez, /readyz, /metrics).
     #[arg(long, env = "S3GRANT_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
     pub admin_addr: std::net::SocketAddr,

@@ -71,6 +71,12 @@ pub enum Error {
         transient: bool,
     },
 
+    #[error("{0}")]
+    BackendUnavailable(String),
+
+    #[error("the backend of {0} is busy with other grants; trying again shortly")]
+    BackendBusy(String),
+
     #[error("kubernetes API: {action} failed: {source}")]
     Kube {
         action: &'static str,
@@ -105,6 +111,8 @@ impl Error {
                 transient: true, ..
             } => "AwsTransient",
             Error::Aws { .. } => "AwsError",
+            Error::BackendUnavailable(_) => "BackendUnavailable",
+            Error::BackendBusy(_) => "BackendBusy",
             Error::Kube { .. } => "KubernetesError",
         }
     }
@@ -117,7 +125,14 @@ impl Error {
                 transient: true,
                 ..
             } | Error::Kube { .. }
+                | Error::BackendUnavailable(_)
+                | Error::BackendBusy(_)
         )
+    }
+
+    /// A call that got no answer at all: the backend is silent, not refusing.
+    pub fn is_unanswered(&self) -> bool {
+        matches!(self, Error::Aws { code: Some(code), .. } if code == crate::aws::NO_ANSWER)
     }
 
     /// How long to wait before attempt `attempt + 1` (the first retry is attempt 1):
@@ -130,7 +145,9 @@ impl Error {
             Error::Aws {
                 transient: true, ..
             }
-            | Error::Kube { .. } => (5, 5 * MINUTE),
+            | Error::Kube { .. }
+            | Error::BackendUnavailable(_) => (5, 5 * MINUTE),
+            Error::BackendBusy(_) => (1, 2),
             Error::SecretUnwritable { .. } | Error::RevokeBlocked(_) => (15, 10 * MINUTE),
             Error::Aws { .. } => (30, 15 * MINUTE),
             Error::SecretConflict { .. }

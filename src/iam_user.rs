@@ -170,7 +170,7 @@ pub async fn ensure_user(iam: &aws_sdk_iam::Client, plan: &GrantPlan) -> Result<
                     .set_tags(Some(missing))
                     .send()
                     .await
-                    .map_err(aws_error("iam:TagUser"))?;
+                    .map_err(on_user("iam:TagUser"))?;
             }
             let boundary_now = user
                 .permissions_boundary()
@@ -182,7 +182,7 @@ pub async fn ensure_user(iam: &aws_sdk_iam::Client, plan: &GrantPlan) -> Result<
                         .permissions_boundary(wanted)
                         .send()
                         .await
-                        .map_err(aws_error("iam:PutUserPermissionsBoundary"))?;
+                        .map_err(on_user("iam:PutUserPermissionsBoundary"))?;
                 }
             }
             Ok(EnsuredUser {
@@ -219,6 +219,30 @@ pub async fn ensure_user(iam: &aws_sdk_iam::Client, plan: &GrantPlan) -> Result<
                 }
             }
         }
+    }
+}
+
+/// Converts an error of a call on a user that was just found or created. IAM is
+/// eventually consistent: such a user may not be visible to the next call yet, so its
+/// NoSuchEntity is transient (retried soon), not a failure to report.
+fn on_user<E>(
+    operation: &'static str,
+) -> impl FnOnce(
+    aws_smithy_runtime_api::client::result::SdkError<E, aws_smithy_runtime_api::http::Response>,
+) -> Error
+where
+    E: aws_smithy_types::error::metadata::ProvideErrorMetadata
+        + std::error::Error
+        + Send
+        + Sync
+        + 'static,
+{
+    move |err| {
+        let mut failure = AwsFailure::from_sdk(err);
+        if failure.is_code("NoSuchEntity") {
+            failure.transient = true;
+        }
+        failure.into_error(operation)
     }
 }
 
@@ -271,7 +295,7 @@ pub async fn ensure_policy(
         .policy_document(policy.to_compact_json())
         .send()
         .await
-        .map_err(aws_error("iam:PutUserPolicy"))?;
+        .map_err(on_user("iam:PutUserPolicy"))?;
     Ok(true)
 }
 
@@ -287,7 +311,7 @@ async fn strip_policies(
         .user_name(user_name)
         .send()
         .await
-        .map_err(aws_error("iam:ListUserPolicies"))?
+        .map_err(on_user("iam:ListUserPolicies"))?
         .policy_names;
     let mut removed = false;
     for name in names.iter().filter(|n| Some(n.as_str()) != keep) {
@@ -304,7 +328,7 @@ async fn strip_policies(
         .user_name(user_name)
         .send()
         .await
-        .map_err(aws_error("iam:ListAttachedUserPolicies"))?;
+        .map_err(on_user("iam:ListAttachedUserPolicies"))?;
     for arn in attached
         .attached_policies()
         .iter()
@@ -332,7 +356,7 @@ async fn current_policy(
         .policy_name(INLINE_POLICY_NAME)
         .send()
         .await
-        .map_err(aws_error("iam:GetUserPolicy"))?;
+        .map_err(on_user("iam:GetUserPolicy"))?;
     // IAM returns the document URL-encoded; one that does not parse counts as drifted.
     let document = percent_decode(out.policy_document());
     Ok(serde_json::from_str(&document).ok())
@@ -350,7 +374,7 @@ pub async fn list_keys(iam: &aws_sdk_iam::Client, user_name: &str) -> Result<Vec
         .user_name(user_name)
         .send()
         .await
-        .map_err(aws_error("iam:ListAccessKeys"))?;
+        .map_err(on_user("iam:ListAccessKeys"))?;
     Ok(out
         .access_key_metadata()
         .iter()
@@ -375,7 +399,7 @@ pub async fn create_key(
         .user_name(user_name)
         .send()
         .await
-        .map_err(aws_error("iam:CreateAccessKey"))?;
+        .map_err(on_user("iam:CreateAccessKey"))?;
     let key = out.access_key.ok_or_else(|| Error::Aws {
         operation: "iam:CreateAccessKey",
         code: None,

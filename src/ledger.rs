@@ -18,6 +18,7 @@ pub fn wanted(plan: &GrantPlan) -> Option<Held> {
         class_name: plan.class_name.clone(),
         backend: plan.backend.id.clone(),
         id: None,
+        since: None,
     })
 }
 
@@ -36,17 +37,17 @@ pub fn record(held: &[Held], want: &Held) -> Option<Vec<Held>> {
     {
         return None;
     }
-    let known_id = held
-        .iter()
-        .find(|h| same_object(h, want))
-        .and_then(|h| h.id.clone());
+    let known = held.iter().find(|h| same_object(h, want));
     let mut next: Vec<Held> = held
         .iter()
         .filter(|h| !same_object(h, want))
         .cloned()
         .collect();
     next.push(Held {
-        id: known_id.or_else(|| want.id.clone()),
+        id: known.and_then(|h| h.id.clone()).or_else(|| want.id.clone()),
+        since: known
+            .and_then(|h| h.since.clone())
+            .or_else(|| want.since.clone()),
         ..want.clone()
     });
     Some(next)
@@ -102,6 +103,7 @@ pub fn held_of<C: Borrow<S3GrantClass>>(
         class_name: class_name.clone(),
         backend,
         id: None,
+        since: None,
     }]
 }
 
@@ -116,6 +118,7 @@ mod tests {
             class_name: class.into(),
             backend: backend.into(),
             id: None,
+            since: None,
         }
     }
 

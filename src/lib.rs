@@ -5,7 +5,7 @@
 //! and [`plan`] (the desired state, on a [`backend`]) → [`ledger`] (what is held, what
 //! to create and what to release) → [`iam_user`] / [`sts_session`] (ensure it in AWS)
 //! → [`secret`] (write it) → [`status`]. [`controller`] runs the pipeline; [`operator`]
-//! wires it up.
+//! wires it up, with [`leader`] election when more than one replica runs.
 
 pub mod admin;
 pub mod api;
@@ -17,6 +17,7 @@ pub mod error;
 pub mod failpoint;
 pub mod guardrails;
 pub mod iam_user;
+pub mod leader;
 pub mod ledger;
 pub mod metrics;
 pub mod naming;

@@ -400,7 +400,7 @@ async fn on_role_credentials_sessions_are_clamped_to_one_hour_and_the_status_say
     let token = serde_json::json!({"stringData": {"AWS_SESSION_TOKEN": own.session_token}});
     Api::<k8s_openapi::api::core::v1::Secret>::namespaced(bed.kube.clone(), &ns)
         .patch(
-            "backend-admin",
+            &backend_credentials_secret(&bed.kube, &ns, &on_role).await,
             &PatchParams::default(),
             &Patch::Merge(&token),
         )

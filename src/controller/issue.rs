@@ -72,6 +72,8 @@ pub async fn issue(
     };
     check_permitted(class, &labels, &request)?;
     let plan = plan_grant(&request, class, ctx.cluster_id.as_deref())?;
+    // Before any call: a grant whose backend is busy or silent waits without a slot.
+    let slot = ctx.enter_backend(&plan.backend, &plan.class_name)?;
 
     let secrets = ctx.secrets(&request.namespace);
     let existing = secrets
@@ -95,7 +97,14 @@ pub async fn issue(
     // Write-ahead: the user is in the ledger (and its class holds on to the backend's
     // record) before CreateUser can run, so no crash can leave it out of reach.
     let mut held = ledger::held_of(status.as_ref(), &classes);
-    let want = ledger::wanted(&plan);
+    let want = ledger::wanted(&plan).map(|w| Held {
+        since: Some(rfc3339(now)),
+        ..w
+    });
+    if want.is_some() && current.is_none() {
+        // A Secret that cannot be written must not cost a user, a key, or even a ledger entry.
+        check_writable(grant, &plan, &secrets, existing.as_ref(), false, now).await?;
+    }
     if let Some(want) = &want {
         if let Some(next) = ledger::record(&held, want) {
             let mut intent = status.clone().unwrap_or_default();
@@ -143,16 +152,18 @@ pub async fn issue(
         now,
     };
     let stale = ledger::stale(&held, want.as_ref());
-    let (mut issued, next_due, changed, user_id) = match &plan.credential {
+    let result = match &plan.credential {
         CredentialPlan::IamUser { .. } => {
             let cacheable = stale.is_empty() && held.iter().all(|h| h.id.is_some());
-            issue_iam_user(&step, current, &fingerprint, cacheable).await?
+            issue_iam_user(&step, current, &fingerprint, cacheable).await
         }
-        CredentialPlan::StsSession { .. } => {
-            let (issued, next_due, changed) = issue_sts_session(&step, current).await?;
-            (issued, next_due, changed, None)
-        }
+        CredentialPlan::StsSession { .. } => issue_sts_session(&step, current)
+            .await
+            .map(|(issued, next_due, changed)| (issued, next_due, changed, None)),
     };
+    ctx.backends.record(&plan.backend.id, result.as_ref().err());
+    let (mut issued, next_due, changed, user_id) = result?;
+    drop(slot);
 
     let want = want.map(|w| Held {
         id: user_id.clone(),
@@ -190,26 +201,53 @@ struct Step<'a> {
     now: Timestamp,
 }
 
+fn secret_for(
+    grant: &S3Grant,
+    plan: &GrantPlan,
+    credentials: &Credentials,
+    record: &IssueRecord,
+) -> Result<Secret> {
+    let owner = grant
+        .controller_owner_ref(&())
+        .ok_or_else(|| Error::InvalidSpec("the grant has no uid yet".into()))?;
+    Ok(build_secret(plan, owner, credentials, record))
+}
+
+/// Asks the API server whether the Secret can be written, before anything is created in
+/// AWS for it: a Secret that cannot be written must not cost an access key.
+async fn check_writable(
+    grant: &S3Grant,
+    plan: &GrantPlan,
+    secrets: &Api<Secret>,
+    existing: Option<&Secret>,
+    session: bool,
+    now: Timestamp,
+) -> Result<()> {
+    let placeholder = Credentials {
+        access_key_id: "AKIAPLACEHOLDER00000".into(),
+        secret_access_key: "placeholder".into(),
+        session_token: session.then(|| "placeholder".into()),
+        expiration: session.then_some(now),
+    };
+    let desired = secret_for(grant, plan, &placeholder, &IssueRecord::default())?;
+    put_secret(secrets, existing, desired, true).await
+}
+
 impl Step<'_> {
     fn secret(&self, credentials: &Credentials, record: &IssueRecord) -> Result<Secret> {
-        let owner = self
-            .grant
-            .controller_owner_ref(&())
-            .ok_or_else(|| Error::InvalidSpec("the grant has no uid yet".into()))?;
-        Ok(build_secret(self.plan, owner, credentials, record))
+        secret_for(self.grant, self.plan, credentials, record)
     }
 
-    /// Asks the API server whether the Secret can be written, before anything is created
-    /// in AWS for it: a Secret that cannot be written must not cost an access key.
     async fn check_writable(&self, session: bool) -> Result<()> {
-        let placeholder = Credentials {
-            access_key_id: "AKIAPLACEHOLDER00000".into(),
-            secret_access_key: "placeholder".into(),
-            session_token: session.then(|| "placeholder".into()),
-            expiration: session.then_some(self.now),
-        };
-        let desired = self.secret(&placeholder, &IssueRecord::default())?;
-        put_secret(&self.secrets, self.existing.as_ref(), desired, true).await
+        check_writable(
+            self.grant,
+            self.plan,
+            &self.secrets,
+            self.existing.as_ref(),
+            session,
+            self.now,
+        )
+        .await
     }
 
     async fn write(&self, credentials: &Credentials, record: &IssueRecord) -> Result<()> {
@@ -284,9 +322,6 @@ async fn issue_iam_user(
         }
     }
 
-    if current.is_none() {
-        step.check_writable(false).await?;
-    }
     let user = ensure_user(&step.aws.iam, plan).await?;
     ensure_policy(&step.aws.iam, user_name, &plan.policy, user.created).await?;
     let keys = if user.created {

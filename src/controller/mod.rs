@@ -5,6 +5,7 @@
 //! are deleted like grants ([`classes`]); [`sweep`] removes IAM users whose grant is
 //! gone; [`watches`] decides which grants a class or namespace change wakes.
 
+mod backends;
 mod classes;
 mod issue;
 mod reconcile;
@@ -32,6 +33,7 @@ use crate::api::{BackendRecord, S3Grant, S3GrantClass, CLASS_FINALIZER, MANAGED_
 use crate::aws::{clients_for, load_base_config, AwsClients};
 use crate::cli::RunConfig;
 use crate::error::{Error, Result};
+use crate::leader::Fence;
 use crate::metrics::Metrics;
 
 pub use reconcile::{error_policy, reconcile};
@@ -48,6 +50,12 @@ pub struct Context {
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    /// Open while this replica may act (leader election); every AWS call checks it.
+    pub fence: Fence,
+    /// Per-backend slots and circuit breakers: see [`backends`].
+    pub backends: backends::Backends,
+    /// Liveness: counts reconciles in flight, so /livez sees a wedged controller.
+    pub health: Arc<crate::admin::Readiness>,
     /// Tagged on IAM users; the sweep only ever deletes users carrying it.
     pub cluster_id: Option<String>,
     /// The finalizer this operator puts on classes its grants hold something on.
@@ -92,6 +100,7 @@ impl Context {
             |ns| Api::namespaced(client.clone(), ns),
             self.metrics.clone(),
             &self.default_chain_is_role,
+            &self.fence,
         )
         .await?;
         locked(&self.clients).insert(backend.id.clone(), (Instant::now(), clients.clone()));
@@ -110,6 +119,17 @@ impl Context {
             .await
             .map_err(Error::kube("read the grant's namespace"))?;
         Ok(ns.metadata.labels.unwrap_or_default())
+    }
+
+    /// A slot on a backend for this reconcile's AWS calls there (see [`backends`]).
+    pub fn enter_backend(
+        &self,
+        backend: &BackendRecord,
+        class_name: &str,
+    ) -> Result<backends::Slot> {
+        let share = usize::from(self.config.concurrency);
+        self.backends
+            .enter(&backend.id, &format!("class {class_name}"), share)
     }
 
     /// Counts a failed attempt and gives the delay before the next, with jitter.
@@ -151,31 +171,36 @@ pub fn class_finalizer(watch_namespace: Option<&str>) -> String {
 /// A class that cannot even be configured is reported on its grants instead.
 async fn unanswered_backends(ctx: &Context) -> Vec<String> {
     use aws_smithy_runtime_api::client::result::SdkError;
-    let mut silent = Vec::new();
-    for class in ctx.classes.state() {
-        if class.metadata.deletion_timestamp.is_some() {
-            continue;
-        }
-        let name = class.name_any();
-        let backend = crate::backend::record_of(&class.spec.backend);
-        let aws = match ctx.aws_for(&backend, &name).await {
-            Ok(aws) => aws,
-            Err(err) => {
-                tracing::warn!(class = %name, error = %err, "class cannot be used");
-                continue;
+    let probes = ctx
+        .classes
+        .state()
+        .into_iter()
+        .filter(|class| class.metadata.deletion_timestamp.is_none())
+        .map(|class| async move {
+            let name = class.name_any();
+            let backend = crate::backend::record_of(&class.spec.backend);
+            let aws = match ctx.aws_for(&backend, &name).await {
+                Ok(aws) => aws,
+                Err(err) => {
+                    tracing::warn!(class = %name, error = %err, "class cannot be used");
+                    return None;
+                }
+            };
+            let probe = tokio::time::timeout(
+                Duration::from_secs(10),
+                aws.sts.get_caller_identity().send(),
+            )
+            .await;
+            match probe {
+                Ok(Ok(_)) | Ok(Err(SdkError::ServiceError(_))) => None,
+                _ => Some(name),
             }
-        };
-        let probe = tokio::time::timeout(
-            Duration::from_secs(10),
-            aws.sts.get_caller_identity().send(),
-        )
-        .await;
-        match probe {
-            Ok(Ok(_)) | Ok(Err(SdkError::ServiceError(_))) => {}
-            _ => silent.push(name),
-        }
-    }
-    silent
+        });
+    futures::future::join_all(probes)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 /// This cluster's identity: the flag, else the uid of the kube-system namespace.
@@ -199,6 +224,7 @@ pub async fn run(
     config: RunConfig,
     metrics: Arc<Metrics>,
     ready: Arc<crate::admin::Readiness>,
+    fence: Fence,
 ) -> anyhow::Result<()> {
     let aws_base = load_base_config().await;
     let (grants, secret_metadata): (Api<S3Grant>, Api<PartialObjectMeta<Secret>>) =
@@ -219,6 +245,7 @@ pub async fn run(
         .list(&kube::api::ListParams::default().limit(1))
         .await?;
     let cluster_id = cluster_identity(&client, &config).await;
+    ready.set_wedge_timeout(config.wedge_timeout);
 
     // Grants that a class or namespace change concerns are woken through this channel.
     let (wake, woken) = futures::channel::mpsc::channel::<ObjectRef<S3Grant>>(1024);
@@ -241,6 +268,9 @@ pub async fn run(
         grants: grant_store.clone(),
         namespaces: namespace_store.clone(),
         metrics: metrics.clone(),
+        health: ready.clone(),
+        backends: backends::Backends::default(),
+        fence,
         cluster_id,
         default_chain_is_role: OnceCell::new(),
         clients: Mutex::default(),
@@ -253,7 +283,7 @@ pub async fn run(
     tokio::spawn(watches::classes(
         ctx.clone(),
         reflector::reflector(class_writer, watcher(classes, watcher::Config::default()))
-            .default_backoff()
+            .backoff(watches::WatchBackoff::default())
             .touched_objects()
             .boxed(),
         wake.clone(),
@@ -269,7 +299,7 @@ pub async fn run(
     tokio::spawn(watches::namespaces(
         ctx.clone(),
         reflector::reflector(namespace_writer, watcher(namespaces, namespace_config))
-            .default_backoff()
+            .backoff(watches::WatchBackoff::default())
             .applied_objects()
             .predicate_filter(predicates::labels, Default::default())
             .boxed(),
@@ -281,7 +311,7 @@ pub async fn run(
         watcher::Config::default()
             .labels(&format!("{}={}", MANAGED_BY_LABEL.0, MANAGED_BY_LABEL.1)),
     )
-    .default_backoff()
+    .backoff(watches::WatchBackoff::default())
     .touched_objects();
     // Status writes do not change generation, annotations or finalizers, so they do not wake us.
     let spec_changes = predicates::generation
@@ -289,13 +319,18 @@ pub async fn run(
         .combine(predicates::finalizers);
     let grant_stream =
         reflector::reflector(grant_writer, watcher(grants, watcher::Config::default()))
-            .default_backoff()
+            .backoff(watches::WatchBackoff::default())
             .touched_objects()
             .predicate_filter(spec_changes, Default::default());
     let controller = Controller::for_stream(grant_stream, grant_store.clone())
-        .with_config(kube::runtime::controller::Config::default().concurrency(config.concurrency))
+        // Twice the per-backend share: a backend that stalls holds at most half the slots.
+        .with_config(
+            kube::runtime::controller::Config::default()
+                .concurrency(config.concurrency.saturating_mul(2)),
+        )
         .owns_stream(owned_secrets)
         .reconcile_on(woken)
+        .trigger_backoff(watches::TriggerBackoff)
         .shutdown_on_signal();
 
     tokio::spawn(classes::run(ctx.clone(), class_events_rx, wake.clone()));
@@ -310,15 +345,12 @@ pub async fn run(
             .is_err()
         {}
         tracing::debug!("first sync of grants done; probing backends");
-        // Ready once the first sync is done and every class's backend has answered.
-        loop {
-            match unanswered_backends(&probe_ctx).await {
-                silent if silent.is_empty() => break,
-                silent => {
-                    tracing::warn!(classes = ?silent, "backends not answering; not ready yet")
-                }
-            }
-            tokio::time::sleep(Duration::from_secs(15)).await;
+        // Ready once the first sync is done and every class's backend was probed once. A
+        // backend that does not answer is reported, not waited for: one dead backend must
+        // not take the operator out of service for every other backend's grants.
+        let silent = unanswered_backends(&probe_ctx).await;
+        if !silent.is_empty() {
+            tracing::warn!(classes = ?silent, "backends not answering; their grants will retry with backoff");
         }
         ready.set_synced();
     });

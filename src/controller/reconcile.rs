@@ -4,6 +4,7 @@
 //! value; failures back off exponentially per grant.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use jiff::Timestamp;
 use kube::runtime::controller::Action;
@@ -23,6 +24,7 @@ use crate::status::{failed_status, ready_status};
 
 pub async fn reconcile(grant: Arc<S3Grant>, ctx: Arc<Context>) -> Result<Action> {
     let started = std::time::Instant::now();
+    let _in_flight = ctx.health.reconcile_started();
     let grant = match latest(&ctx, &grant).await? {
         Some(fresh) => Arc::new(fresh),
         None => grant,
@@ -51,6 +53,10 @@ pub async fn reconcile(grant: Arc<S3Grant>, ctx: Arc<Context>) -> Result<Action>
 }
 
 pub fn error_policy(grant: Arc<S3Grant>, error: &Error, ctx: Arc<Context>) -> Action {
+    if let Error::BackendBusy(_) = error {
+        // Not a failure: the grant waits for its backend's share of the slots.
+        return Action::requeue(Duration::from_millis(rand::random_range(500..2000)));
+    }
     let delay = ctx.back_off(&grant.uid().unwrap_or_default(), error);
     tracing::warn!(grant = %grant.name_any(), namespace = grant.namespace().as_deref().unwrap_or(""), category = error.category(), error = %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)

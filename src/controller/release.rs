@@ -2,6 +2,8 @@
 //! (a user left behind by a kind switch, a class move or a backend change), and revoking
 //! a grant entirely (deleted, no longer permitted, its class deleted).
 
+use std::time::Duration;
+
 use kube::runtime::events::EventType;
 use kube::ResourceExt;
 
@@ -11,6 +13,24 @@ use crate::api::{Held, HeldKind, S3Grant};
 use crate::backend;
 use crate::error::{Error, Result};
 use crate::iam_user::{delete_user, Deleted};
+
+/// How long a user recorded in the ledger may stay invisible to IAM reads before "not
+/// found" is believed (AWS documents IAM changes as eventually consistent, usually within
+/// seconds).
+pub const IAM_VISIBILITY_WINDOW: Duration = Duration::from_secs(60);
+
+/// A user never seen (no IAM id learnt) and recorded moments ago may exist unseen. One
+/// seen before and not found now is gone.
+fn recently_recorded(held: &Held) -> bool {
+    held.id.is_none()
+        && held
+            .since
+            .as_deref()
+            .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+            .is_some_and(|since| {
+                crate::validate::later(since, IAM_VISIBILITY_WINDOW) > jiff::Timestamp::now()
+            })
+}
 
 /// Removes one held object. `in_use` is the IAM id of the user the grant uses now: the
 /// same user reached through another class or endpoint of one account is never deleted.
@@ -28,8 +48,25 @@ pub async fn release(
             held.name, held.class_name
         )));
     };
+    let _slot = ctx.enter_backend(&record, &held.class_name)?;
     let aws = ctx.aws_for(&record, &held.class_name).await?;
-    let outcome = delete_user(&aws.iam, &held.name, uid, in_use).await?;
+    let outcome = delete_user(&aws.iam, &held.name, uid, in_use).await;
+    ctx.backends.record(&record.id, outcome.as_ref().err());
+    let outcome = outcome?;
+    if outcome == Deleted::Gone && recently_recorded(held) {
+        // IAM is eventually consistent: a user created moments ago may not be visible to
+        // reads yet. Forgetting it now could leave it behind; look again shortly.
+        return Err(Error::Aws {
+            operation: "iam:GetUser",
+            code: Some("NoSuchEntity".into()),
+            message: format!(
+                "IAM user {} was recorded less than {} s ago and is not visible yet; IAM is eventually consistent, looking again",
+                held.name,
+                IAM_VISIBILITY_WINDOW.as_secs()
+            ),
+            transient: true,
+        });
+    }
     tracing::info!(user = %held.name, class = %held.class_name, backend = %held.backend, ?outcome, "released IAM user");
     Ok(outcome)
 }

@@ -100,7 +100,15 @@ pub async fn sweep(ctx: &Context, cluster: &str) -> Result<usize> {
                     continue;
                 }
             };
-            for user in list_users(&aws.iam, &path).await? {
+            let users = match list_users(&aws.iam, &path).await {
+                Ok(users) => users,
+                Err(err) => {
+                    // One backend down must not stop the sweep of the others.
+                    tracing::warn!(class = %class_name, error = %err, "sweep skips a backend that did not answer");
+                    continue;
+                }
+            };
+            for user in users {
                 if held.contains(&(record.id.clone(), user.name.clone()))
                     || !old_enough(user.created)
                 {

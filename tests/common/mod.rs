@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod audit;
 pub mod proxy;
 pub mod rgw;
 
@@ -182,8 +183,10 @@ pub async fn backend_credentials_secret(
     namespace: &str,
     target: &AwsTarget,
 ) -> String {
+    // One Secret per server and key pair: classes of one test on one server share it.
     let port = target.endpoint.rsplit(':').next().unwrap_or_default();
-    let name = format!("backend-admin-{port}");
+    let key = &s3grant::naming::digest(&target.access_key_id)[..8];
+    let name = format!("backend-admin-{port}-{key}");
     let existing = Api::<Secret>::namespaced(client.clone(), namespace)
         .get_opt(&name)
         .await
@@ -484,6 +487,11 @@ impl Operator {
             .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
+    /// The operator's process id while it has not been killed (for SIGSTOP/SIGCONT).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL: no cleanup, no graceful shutdown.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -512,13 +520,15 @@ impl Operator {
             .unwrap_or_default()
     }
 
-    /// Waits until /readyz answers 200 (first sync done, backends answered).
+    /// Waits until /readyz answers 200 (first sync done, backends probed) and the sweep
+    /// at start is done: from then on, only grants make the operator call AWS.
     pub async fn wait_ready(&self) {
         let url = format!("{}/readyz", self.admin);
         wait_for(Duration::from_secs(60), "the operator to be ready", || {
             http_get(&url)
         })
         .await;
+        self.wait_swept().await;
     }
 
     /// Waits until the sweep at start is done.

@@ -86,6 +86,11 @@ impl FaultProxy {
         self.control("PUT", "/rules", &rules.to_string()).await;
     }
 
+    /// Any other control call that replaces a setting (e.g. `/consistency`, `/tcp`).
+    pub async fn control_put(&self, path: &str, body: &str) {
+        self.control("PUT", path, body).await;
+    }
+
     pub async fn reset(&self) {
         self.control("POST", "/reset", "{}").await;
     }

@@ -8,6 +8,13 @@
 #   kube.sh down      stop what `up` started (pid files), remove etcd data
 #   kube.sh status    is each process running, does /readyz answer (exit 1 if not)
 #   kube.sh env       print $STATE/kube.env (export KUBECONFIG=...)
+#   kube.sh restart   stop and start the API server process only (same port, certificates
+#                     and etcd, data kept), wait for /readyz; prints how long it was down.
+#                     A fault for tests: every client's connections and watches break.
+#   kube.sh compact   compact etcd at its current revision (through etcd's v3 HTTP/JSON
+#                     gateway: the Debian package ships no etcdctl), so a watch that
+#                     resumes from an older resourceVersion gets 410 Gone; prints the
+#                     revision. etcd's port is in $STATE/ports.env (ETCD_PORT).
 #
 # Environment:
 #   S3GRANT_TESTBED_DIR      state root (default <repo>/.testbed); state in $S3GRANT_TESTBED_DIR/kube
@@ -15,6 +22,10 @@
 #   S3GRANT_KUBE_REFRESH=1   re-read Debian sid's package lists now (default: when older than 7 days)
 #   S3GRANT_KUBE_PORT        apiserver port (default: first free from 16443)
 #   S3GRANT_KUBE_READY_TIMEOUT  seconds to wait for /readyz (default 90)
+#   S3GRANT_KUBE_RESTART_SIGNAL signal `restart` stops the API server with: TERM (default,
+#                               a graceful shutdown) or KILL (a crash)
+#   S3GRANT_KUBE_RESTART_DOWN_S seconds `restart` keeps the API server stopped (default 0:
+#                               started again at once), for a longer outage
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -289,25 +300,108 @@ up() {
     sleep 0.1
   done
 
+  start_apiserver ">"
+  if ! wait_apiserver_ready; then
+    down_quiet
+    die "API server not ready (see logs above)"
+  fi
+  write_kubeconfig
+  log "ready: $(cat "$STATE/kube.env" | head -1)"
+}
+
+# Starts the API server from $BIN_DIR on $APISERVER_PORT against etcd on $ETCD_PORT;
+# $1 is ">" (new log) or ">>" (append: a restart keeps the log of the previous run).
+start_apiserver() {
   log "starting $BIN_NAME on https://127.0.0.1:$APISERVER_PORT"
+  local logfile=$STATE/apiserver.log
+  if [ "$1" = ">>" ]; then echo "--- kube.sh restart $(date -u +%Y-%m-%dT%H:%M:%S.%NZ)" >> "$logfile"; else : > "$logfile"; fi
   setsid "$BIN_DIR/$BIN_NAME" --etcd-servers "http://127.0.0.1:$ETCD_PORT" --secure-port "$APISERVER_PORT" \
     --tls-cert-file "$STATE/pki/server.crt" --tls-private-key-file "$STATE/pki/server.key" \
     --client-ca-file "$STATE/pki/ca.crt" \
-    > "$STATE/apiserver.log" 2>&1 < /dev/null &
+    >> "$logfile" 2>&1 < /dev/null &
   echo $! > "$STATE/apiserver.pid"
+}
 
+# Waits for /readyz (S3GRANT_KUBE_READY_TIMEOUT); on failure prints the logs' tails, returns 1.
+wait_apiserver_ready() {
   local timeout=${S3GRANT_KUBE_READY_TIMEOUT:-90} start=$SECONDS
   until readyz; do
     if ! pid_alive apiserver "$BIN_NAME" || [ $((SECONDS - start)) -ge "$timeout" ]; then
       echo "--- $STATE/etcd.log (tail)" >&2; tail -15 "$STATE/etcd.log" >&2 || true
       echo "--- $STATE/apiserver.log (tail)" >&2; tail -30 "$STATE/apiserver.log" >&2 || true
-      down_quiet
-      die "API server not ready after $((SECONDS - start)) s (see logs above)"
+      log "API server not ready after $((SECONDS - start)) s"
+      return 1
     fi
-    sleep 0.2
+    sleep 0.1
   done
-  write_kubeconfig
-  log "ready: $(cat "$STATE/kube.env" | head -1)"
+}
+
+now_ms() { date +%s%3N; }
+
+# Whether pid $1 still runs (a zombie waiting for init to reap it does not: kill -0
+# succeeds on one, for over a second here).
+proc_running() {
+  local state
+  state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
+  [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ]
+}
+
+# Stops the API server (only) and starts it again on the same port, certificates and
+# etcd (its data kept). Needs a running testbed: it does not install or build anything.
+restart() {
+  load_ports || die "no $STATE/ports.env: run '$0 up' first"
+  pid_alive etcd etcd || die "etcd is not running: run '$0 up' first"
+  [ -n "${RUNNING_BIN_DIR:-}" ] && [ -x "$RUNNING_BIN_DIR/$BIN_NAME" ] \
+    || die "no API server binary recorded in $STATE/ports.env: run '$0 up' first"
+  BIN_DIR=$RUNNING_BIN_DIR   # the build that was running, not whatever is newest
+  local signal=${S3GRANT_KUBE_RESTART_SIGNAL:-TERM} pid i stopped_ms ready_ms
+  case "$signal" in TERM|KILL) ;; *) die "S3GRANT_KUBE_RESTART_SIGNAL must be TERM or KILL";; esac
+  stopped_ms=$(now_ms)
+  if pid_alive apiserver "$BIN_NAME"; then
+    pid=$(cat "$STATE/apiserver.pid")
+    log "stopping $BIN_NAME (pid $pid, SIG$signal)"
+    kill "-$signal" "$pid" 2>/dev/null || true
+    for i in $(seq 1 200); do proc_running "$pid" || break; sleep 0.05; done
+    if proc_running "$pid"; then log "still running after 10 s: SIGKILL"; kill -9 "$pid" 2>/dev/null || true; fi
+    for i in $(seq 1 100); do proc_running "$pid" || break; sleep 0.05; done
+  else
+    log "the API server was not running; starting it"
+  fi
+  rm -f "$STATE/apiserver.pid"
+  # The port must be free again before the new process binds it.
+  for i in $(seq 1 100); do port_free "$APISERVER_PORT" && break; sleep 0.05; done
+  port_free "$APISERVER_PORT" || die "port $APISERVER_PORT still in use after the API server stopped"
+  local pause=${S3GRANT_KUBE_RESTART_DOWN_S:-0}
+  if [ "$pause" != 0 ]; then log "staying down for $pause s"; sleep "$pause"; fi
+  local started_ms; started_ms=$(now_ms)
+  start_apiserver ">>"
+  wait_apiserver_ready || die "API server not ready after the restart (see logs above; '$0 up' starts a fresh testbed)"
+  ready_ms=$(now_ms)
+  local down_ms=$((ready_ms - stopped_ms))
+  log "restarted (pid $(cat "$STATE/apiserver.pid")); down for $((down_ms / 1000)).$(printf '%03d' $((down_ms % 1000))) s ($((started_ms - stopped_ms)) ms stopping, $((ready_ms - started_ms)) ms to /readyz)"
+  # stdout, for scripts: the pid and the downtime
+  echo "restarted pid=$(cat "$STATE/apiserver.pid") down_ms=$down_ms"
+}
+
+# Compacts etcd at its current revision through the v3 HTTP/JSON gateway: every
+# resourceVersion before it is gone, so a watch resumed from one gets 410 Gone.
+compact() {
+  load_ports || die "no $STATE/ports.env: run '$0 up' first"
+  pid_alive etcd etcd || die "etcd is not running: run '$0 up' first"
+  local url=http://127.0.0.1:$ETCD_PORT answer revision
+  # key "\0" with range_end "\0" = every key; count_only: the header is what we want
+  answer=$(curl -sf --max-time 5 -X POST "$url/v3/kv/range" -d '{"key":"AA==","range_end":"AA==","count_only":true}') \
+    || die "etcd range on $url failed"
+  revision=$(printf '%s' "$answer" | sed -n 's/.*"revision":"\([0-9]*\)".*/\1/p')
+  [ -n "$revision" ] || die "no revision in etcd's answer: $answer"
+  answer=$(curl -s --max-time 30 -X POST "$url/v3/kv/compaction" -d "{\"revision\":\"$revision\",\"physical\":true}")
+  case "$answer" in
+    *'"error"'*|*'"code"'*)
+      # compacting at an already compacted revision is not a failure
+      printf '%s' "$answer" | grep -q 'has been compacted' || die "etcd compaction at $revision failed: $answer" ;;
+  esac
+  log "etcd compacted at revision $revision"
+  echo "compacted revision=$revision"
 }
 
 stop_pid() { # name expected-binary
@@ -352,5 +446,7 @@ case "${1:-}" in
   down) down ;;
   status) status ;;
   env) [ -f "$STATE/kube.env" ] || die "no $STATE/kube.env: run '$0 up' first"; cat "$STATE/kube.env" ;;
-  *) echo "usage: $0 install|up|down|status|env" >&2; exit 2 ;;
+  restart) restart ;;
+  compact) compact ;;
+  *) echo "usage: $0 install|up|down|status|env|restart|compact" >&2; exit 2 ;;
 esac
