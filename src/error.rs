@@ -74,6 +74,9 @@ pub enum Error {
     #[error("{0}")]
     BackendUnavailable(String),
 
+    #[error("not the leader (lease lost or not renewed in time): no write")]
+    NotLeader,
+
     #[error("the backend of {0} is busy with other grants; trying again shortly")]
     BackendBusy(String),
 
@@ -113,6 +116,7 @@ impl Error {
             Error::Aws { .. } => "AwsError",
             Error::BackendUnavailable(_) => "BackendUnavailable",
             Error::BackendBusy(_) => "BackendBusy",
+            Error::NotLeader => "NotLeader",
             Error::Kube { .. } => "KubernetesError",
         }
     }
@@ -127,6 +131,7 @@ impl Error {
             } | Error::Kube { .. }
                 | Error::BackendUnavailable(_)
                 | Error::BackendBusy(_)
+                | Error::NotLeader
         )
     }
 
@@ -146,7 +151,8 @@ impl Error {
                 transient: true, ..
             }
             | Error::Kube { .. }
-            | Error::BackendUnavailable(_) => (5, 5 * MINUTE),
+            | Error::BackendUnavailable(_)
+            | Error::NotLeader => (5, 5 * MINUTE),
             Error::BackendBusy(_) => (1, 2),
             Error::SecretUnwritable { .. } | Error::RevokeBlocked(_) => (15, 10 * MINUTE),
             Error::Aws { .. } => (30, 15 * MINUTE),

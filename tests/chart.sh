@@ -317,7 +317,7 @@ def check_rbac(docs, leader_election, lease_namespace):
     [lease_role] = roles
     assert lease_role["metadata"]["namespace"] == lease_namespace
     assert lease_role["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
-                                     "verbs": ["get", "create", "update", "patch"]}], lease_role["rules"]
+                                     "verbs": ["get", "create", "update"]}], lease_role["rules"]
     rb = one(docs, "RoleBinding")
     assert rb["metadata"]["namespace"] == lease_namespace
     assert rb["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": lease_role["metadata"]["name"]}

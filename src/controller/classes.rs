@@ -28,6 +28,7 @@ fn api(ctx: &Context) -> Api<S3GrantClass> {
 /// must carry this operator's finalizer, and must remember the backend's record.
 /// Written under the class's resourceVersion, retried on conflicts.
 pub async fn hold(ctx: &Context, class: &S3GrantClass, backend: &BackendRecord) -> Result<()> {
+    ctx.acting()?;
     let name = class.name_any();
     let mut attempt = 0;
     loop {
@@ -129,6 +130,7 @@ async fn holders(ctx: &Context, class: &str) -> Result<Vec<S3Grant>> {
 
 /// Releases deleting classes once nothing is held on them, waking their holders until then.
 async fn settle_deleting(ctx: &Context, wake: &mut Sender<ObjectRef<S3Grant>>) -> Result<()> {
+    ctx.acting()?;
     let deleting = ctx.classes.state().into_iter().filter(|c| {
         c.metadata.deletion_timestamp.is_some() && c.finalizers().contains(&ctx.class_finalizer)
     });
@@ -173,6 +175,7 @@ async fn prune_records(ctx: &Context) -> Result<()> {
     if ctx.config.watch_namespace.is_some() {
         return Ok(());
     }
+    ctx.acting()?;
     let has_old = |class: &S3GrantClass| {
         let current = record_of(&class.spec.backend).id;
         class

@@ -251,6 +251,7 @@ impl Step<'_> {
     }
 
     async fn write(&self, credentials: &Credentials, record: &IssueRecord) -> Result<()> {
+        self.ctx.acting()?;
         let desired = self.secret(credentials, record)?;
         write_secret(&self.secrets, self.existing.as_ref(), desired).await?;
         Ok(())

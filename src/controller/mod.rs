@@ -121,6 +121,17 @@ impl Context {
         Ok(ns.metadata.labels.unwrap_or_default())
     }
 
+    /// Whether this replica may still write: a leader whose lease may have lapsed (its
+    /// fence closed) writes nothing to Kubernetes either, so a replica resuming from a
+    /// pause cannot overwrite what the new leader wrote.
+    pub fn acting(&self) -> Result<()> {
+        if self.fence.is_open() {
+            Ok(())
+        } else {
+            Err(Error::NotLeader)
+        }
+    }
+
     /// A slot on a backend for this reconcile's AWS calls there (see [`backends`]).
     pub fn enter_backend(
         &self,

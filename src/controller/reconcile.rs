@@ -25,6 +25,7 @@ use crate::status::{failed_status, ready_status};
 pub async fn reconcile(grant: Arc<S3Grant>, ctx: Arc<Context>) -> Result<Action> {
     let started = std::time::Instant::now();
     let _in_flight = ctx.health.reconcile_started();
+    ctx.acting()?;
     let grant = match latest(&ctx, &grant).await? {
         Some(fresh) => Arc::new(fresh),
         None => grant,

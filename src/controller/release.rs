@@ -119,6 +119,9 @@ pub async fn revoke(ctx: &Context, grant: &S3Grant, held: &[Held]) -> (Vec<Held>
         .and_then(|s| s.secret_name.clone())
         .unwrap_or_else(|| grant.secret_name());
     let mut removed = Vec::new();
+    if let Err(err) = ctx.acting() {
+        return (held.to_vec(), Some(err));
+    }
     match delete_secret(&ctx.secrets(&namespace), &secret_name, &uid).await {
         Ok(true) => removed.push(format!("Secret {secret_name}")),
         Ok(false) => {}

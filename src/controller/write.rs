@@ -112,6 +112,7 @@ pub async fn write_status(
     if previous == Some(status) {
         return Ok(());
     }
+    ctx.acting()?;
     let patch = serde_json::json!({
         "apiVersion": S3Grant::api_version(&()),
         "kind": S3Grant::kind(&()),
@@ -158,6 +159,9 @@ pub async fn latest(ctx: &Context, grant: &S3Grant) -> Result<Option<S3Grant>> {
 }
 
 pub async fn publish(ctx: &Context, grant: &S3Grant, type_: EventType, reason: &str, note: String) {
+    if ctx.acting().is_err() {
+        return;
+    }
     let event = KubeEvent {
         type_,
         reason: reason.into(),
