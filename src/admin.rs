@@ -30,7 +30,7 @@ pub struct Readiness {
 }
 
 /// The default bound past which a running reconcile counts as wedged.
-pub const DEFAULT_WEDGE_TIMEOUT: Duration = Duration::from_secs(300);
+pub const DEFAULT_WEDGE_TIMEOUT: Duration = Duration::from_secs(420);
 
 /// A reconcile in flight; it stops counting when dropped.
 pub struct InFlight<'a> {

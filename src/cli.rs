@@ -62,9 +62,10 @@ pub struct RunConfig {
     /// (IAM is eventually consistent: a new user can be invisible to reads for a while).
     #[arg(long, env = "S3GRANT_SWEEP_MIN_AGE", default_value = "10m", value_parser = duration_arg)]
     pub sweep_min_age: Duration,
-    /// A reconcile running longer than this makes /livez fail (every call it makes has a
-    /// shorter timeout, so it is stuck), so that the kubelet restarts a wedged operator.
-    #[arg(long, env = "S3GRANT_WEDGE_TIMEOUT", default_value = "5m", value_parser = duration_arg)]
+    /// A reconcile running longer than this makes /livez fail, so that the kubelet
+    /// restarts a wedged operator. Keep it above --kube-read-timeout plus a minute: every
+    /// call a reconcile makes has a shorter timeout than that, so it is stuck.
+    #[arg(long, env = "S3GRANT_WEDGE_TIMEOUT", default_value = "7m", value_parser = duration_arg)]
     pub wedge_timeout: Duration,
     /// How long a connection to the API server may stay silent while a response is
     /// awaited. Longer than a watch's own 290 s, so quiet watches are not cut; a stalled

@@ -53,8 +53,9 @@ pub struct SecretKeys<'a> {
 ///   reading the old Secret keep working; a rotation asked for meanwhile waits for it;
 /// - a key newer than the current one was created by a reconcile that crashed before
 ///   writing the Secret: nobody holds it, so it goes at once;
-/// - without a usable current key, the key pods may still hold (the last known one, else
-///   the newest) is kept and becomes the previous key of the new one; the rest go;
+/// - without a usable current key, the key pods may still hold (the one the status last
+///   reported) is kept and becomes the previous key of the new one; the rest go (a key
+///   the status never reported never reached a Secret that stayed);
 /// - never more than two keys: room is made before a key is created.
 pub fn decide_key_actions(
     keys: &[AccessKey],
@@ -101,10 +102,11 @@ pub fn decide_key_actions(
         }
         None => {
             actions.create = true;
+            // Only the key the status last reported can be held by pods; a key it never
+            // reported never reached a Secret that stayed (its write failed or crashed).
             let keep = secret
                 .last_known
                 .and_then(|id| sorted.iter().find(|k| k.id == id))
-                .or(sorted.last())
                 .map(|k| k.id.clone());
             for key in &sorted {
                 if Some(&key.id) != keep.as_ref() {
@@ -705,9 +707,14 @@ mod tests {
     #[test]
     fn lost_secret_gets_a_new_key_and_the_key_pods_may_hold_stays() {
         let one = decide_key_actions(&[key("A", 0)], LOST, false, at(5), HOUR);
-        assert_eq!(one, CREATE_ONLY);
+        assert_eq!(one.delete, ["A"], "a key whose Secret write failed");
+        assert!(one.create);
         let two = decide_key_actions(&[key("A", 0), key("B", 3)], LOST, false, at(5), HOUR);
-        assert_eq!(two.delete, ["A"]);
+        assert_eq!(
+            two.delete,
+            ["A", "B"],
+            "no key was ever reported: nobody holds one"
+        );
         assert!(two.create);
         let known = SecretKeys {
             last_known: Some("A"),
@@ -725,7 +732,16 @@ mod tests {
     fn secret_naming_a_key_iam_no_longer_has_counts_as_lost() {
         let actions = decide_key_actions(&[key("A", 0)], holding("GONE"), false, at(5), HOUR);
         assert!(actions.create);
-        assert!(actions.delete.is_empty());
+        assert_eq!(actions.delete, ["A"], "never reported, so never handed out");
+        let reported = SecretKeys {
+            last_known: Some("A"),
+            ..holding("GONE")
+        };
+        let kept = decide_key_actions(&[key("A", 0)], reported, false, at(5), HOUR);
+        assert!(
+            kept.create && kept.delete.is_empty(),
+            "pods may still hold A"
+        );
     }
 
     #[test]
