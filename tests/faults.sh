@@ -47,8 +47,10 @@ import json, sys
 log, rc, took = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rows = []
 for line in open(log, errors="replace"):
-    if line.startswith("FAULT-ROW "):
-        rows.append(json.loads(line[len("FAULT-ROW "):]))
+    # cargo's progress dots may precede the row on its line
+    at = line.find("FAULT-ROW {")
+    if at >= 0:
+        rows.append(json.loads(line[at + len("FAULT-ROW "):]))
 def converge(row):
     s = sorted(row.get("converge_s") or [])
     if not s:
