@@ -165,9 +165,13 @@ pub fn grace_honoured(
             let next = history.iter().find(|s| {
                 s.secret == secret && s.t > seen && s.access_key_id.as_deref() != Some(key)
             });
-            // A Secret that was deleted (and not rewritten before the key went) belongs to
-            // a grant that was deleted or revoked: its keys go at once, by design.
-            let revoked = next.is_some_and(|n| n.access_key_id.is_none());
+            // A Secret deleted between the key's last appearance and its deletion belongs to
+            // a grant that was deleted or revoked: its keys go at once, by design. (A Secret
+            // a tenant deletes is rewritten at once; LIFECYCLE.md's notes say why an older
+            // previous key may then go early.)
+            let revoked = history.iter().any(|s| {
+                s.secret == secret && s.t > seen && s.t <= deleted && s.access_key_id.is_none()
+            });
             let left = next.map(|s| s.t).unwrap_or(seen);
             if !revoked
                 && deleted + slack.as_secs_f64() < left + grace.as_secs_f64()
